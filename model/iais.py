@@ -1,0 +1,99 @@
+"""IAIS: Inter-modal Alignment on Intra-modal Self-attentions (the paper's regulariser).
+
+All functions work on one positive pair at a time, on head-averaged attention
+matrices. Log-probabilities are taken in float32 so that fp16/bf16 training stays finite.
+"""
+import torch
+import torch.nn.functional as F
+
+from .layer import MASK_VALUE
+
+VARIANTS = ("L-singular", "V-singular", "L-distributed", "V-distributed")
+
+# log(0) guard of the distributed variant (the singular variant has none in the original)
+DISTRIBUTED_EPS = 1e-6
+
+
+def kl_batchmean(log_input, target):
+    """KLDivLoss(reduction='batchmean'): sum(target * (log target - log_input)) / rows."""
+    return F.kl_div(log_input, target, reduction="batchmean")
+
+
+def singular_alignment(self_attn, other_attn, cross_attn):
+    """Align a modality's self-attention with the other modality's self-attention
+    re-indexed by each unit's most attended counterpart.
+
+    self_attn [L, L], other_attn [n, n], cross_attn [L, m] (m >= n; padded columns are 0).
+    The re-indexed probabilities go through a second softmax, as in the original code.
+    """
+    idx = cross_attn.argmax(-1).detach()
+    pseudo = torch.softmax(other_attn[idx][:, idx], dim=-1)
+    return kl_batchmean(self_attn.log(), pseudo) + kl_batchmean(pseudo.log(), self_attn)
+
+
+def distributed_alignment(self_attn, to_other, from_other):
+    """Align a modality's self-attention with the attention routed through the other
+    modality: pseudo = to_other [L, n] @ from_other [n, L]."""
+    pseudo = to_other @ from_other
+    return (kl_batchmean(torch.log(self_attn + DISTRIBUTED_EPS), pseudo)
+            + kl_batchmean(torch.log(pseudo + DISTRIBUTED_EPS), self_attn))
+
+
+def pair_loss(variant, txt, img, t2i, i2t, n_words, n_boxes):
+    """IAIS loss of one positive pair from its four padded attention blocks."""
+    L, n = n_words, n_boxes
+    txt, img = txt[:L, :L], img[:n, :n]
+    if variant == "L-singular":
+        return singular_alignment(txt, img, t2i[:L])
+    if variant == "V-singular":
+        return singular_alignment(img, txt, i2t[:n])
+    if variant == "L-distributed":
+        return distributed_alignment(txt, t2i[:L, :n], i2t[:n, :L])
+    if variant == "V-distributed":
+        return distributed_alignment(img, i2t[:n, :L], t2i[:L, :n])
+    raise ValueError(f"IAIS must be one of {VARIANTS}, got {variant!r}")
+
+
+def _masked_probs(scores, row_mask, col_mask):
+    """softmax(scores + (1 - row x col) * -10000) * (row x col), over keys, in float32."""
+    block = (row_mask[:, None, :, None] * col_mask[:, None, None, :]).to(torch.float32)
+    probs = torch.softmax(scores.float() + (1.0 - block) * MASK_VALUE, dim=-1)
+    return probs * block
+
+
+def attention_blocks(scores, txt_mask, img_mask, max_tl, fused=True):
+    """Head-averaged blocks (txt, img, t2i, i2t) of the last layer's attention.
+
+    scores: raw QK^T/sqrt(d) [P, heads, N, N] of the positives; txt_mask/img_mask: 0/1
+    position masks [P, N] (text without [CLS]/[SEP], valid boxes). Text rows/columns are
+    1..max_tl-2, image rows/columns max_tl..N-1.
+
+    The original runs one masked softmax per block (four in all). For rows inside the
+    block mask, masking rows changes nothing, so ``fused`` computes the same values with
+    one softmax per key mask (two in all).
+    """
+    t = slice(1, max_tl - 1)
+    v = slice(max_tl, scores.size(-1))
+    if fused:
+        to_txt = _masked_probs(scores, torch.ones_like(txt_mask), txt_mask)
+        to_img = _masked_probs(scores, torch.ones_like(img_mask), img_mask)
+        rows_t = txt_mask[:, None, :, None].float()
+        rows_v = img_mask[:, None, :, None].float()
+        blocks = ((to_txt * rows_t)[..., t, t], (to_img * rows_v)[..., v, v],
+                  (to_img * rows_t)[..., t, v], (to_txt * rows_v)[..., v, t])
+    else:
+        blocks = (_masked_probs(scores, txt_mask, txt_mask)[..., t, t],
+                  _masked_probs(scores, img_mask, img_mask)[..., v, v],
+                  _masked_probs(scores, txt_mask, img_mask)[..., t, v],
+                  _masked_probs(scores, img_mask, txt_mask)[..., v, t])
+    return tuple(b.mean(dim=1) for b in blocks)
+
+
+def iais_loss(variant, scores, txt_mask, img_mask, max_tl, fused=True):
+    """Mean IAIS loss over the positives (scores as in :func:`attention_blocks`)."""
+    txt, img, t2i, i2t = attention_blocks(scores, txt_mask, img_mask, max_tl, fused)
+    n_words = txt_mask.sum(1).tolist()
+    n_boxes = img_mask.sum(1).tolist()
+    losses = [pair_loss(variant, txt[j], img[j], t2i[j], i2t[j], int(n_words[j]), int(n_boxes[j]))
+              for j in range(scores.size(0))]
+    return torch.stack(losses).mean()

@@ -1,0 +1,248 @@
+"""UNITER: a single-stream transformer over [text tokens | image regions]."""
+import copy
+import json
+import logging
+
+import torch
+from torch import nn
+
+from .iais import iais_loss
+from .layer import BertLayer, BertPooler, additive_mask
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint tensor whose shape does not fit the model config."""
+
+
+class UniterConfig:
+    """Model hyper-parameters, read from a JSON file such as config/uniter-base.json."""
+
+    def __init__(self, vocab_size_or_config_json_file, hidden_size=768, num_hidden_layers=12,
+                 num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
+                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+                 max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02):
+        if isinstance(vocab_size_or_config_json_file, str):
+            with open(vocab_size_or_config_json_file, encoding="utf-8") as f:
+                self.__dict__.update(json.load(f))
+        elif isinstance(vocab_size_or_config_json_file, int):
+            self.vocab_size = vocab_size_or_config_json_file
+            self.hidden_size = hidden_size
+            self.num_hidden_layers = num_hidden_layers
+            self.num_attention_heads = num_attention_heads
+            self.hidden_act = hidden_act
+            self.intermediate_size = intermediate_size
+            self.hidden_dropout_prob = hidden_dropout_prob
+            self.attention_probs_dropout_prob = attention_probs_dropout_prob
+            self.max_position_embeddings = max_position_embeddings
+            self.type_vocab_size = type_vocab_size
+            self.initializer_range = initializer_range
+        else:
+            raise ValueError("UniterConfig takes a vocabulary size (int) or a JSON config path (str)")
+
+    @classmethod
+    def from_dict(cls, json_object):
+        config = cls(-1)
+        config.__dict__.update(json_object)
+        return config
+
+    @classmethod
+    def from_json_file(cls, json_file):
+        with open(json_file, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self):
+        return copy.deepcopy(self.__dict__)
+
+    def to_json_string(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def __repr__(self):
+        return self.to_json_string()
+
+
+def _normalise_checkpoint_keys(state_dict):
+    """Map pre-training checkpoint names onto ours: LayerNorm gamma/beta, 'bert.' prefix."""
+    has_bert_prefix = any(k.startswith("bert.") for k in state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if has_bert_prefix:
+            if not key.startswith("bert."):
+                continue
+            key = key[len("bert."):]
+        if key.endswith(".gamma"):
+            key = key[:-len("gamma")] + "weight"
+        elif key.endswith(".beta"):
+            key = key[:-len("beta")] + "bias"
+        out[key] = value
+    return out
+
+
+class UniterPreTrainedModel(nn.Module):
+    """Weight initialisation and checkpoint loading shared by the UNITER models."""
+
+    def __init__(self, config, *inputs, **kwargs):
+        super().__init__()
+        if not isinstance(config, UniterConfig):
+            raise ValueError(f"{type(self).__name__} needs a UniterConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+
+    def set_fused_attention(self, enabled):
+        """Switch between the fused attention kernels (default) and the original eager math."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = enabled
+        return self
+
+    @classmethod
+    def from_pretrained(cls, config_file, state_dict, *inputs, **kwargs):
+        """Build the model from a config (path or UniterConfig) and load a state dict.
+
+        Accepts retrieval checkpoints and pre-training checkpoints (extra heads are
+        ignored). Missing and unexpected keys are logged; a shape that does not fit the
+        config raises CheckpointMismatchError naming the first such key.
+        """
+        config = config_file if isinstance(config_file, UniterConfig) else UniterConfig.from_json_file(config_file)
+        model = cls(config, *inputs, **kwargs)
+        state_dict = _normalise_checkpoint_keys(state_dict)
+        own = model.state_dict()
+        for key, value in state_dict.items():
+            if key in own and own[key].shape != value.shape:
+                raise CheckpointMismatchError(
+                    f"checkpoint tensor {key} has shape {tuple(value.shape)} but the model config "
+                    f"needs {tuple(own[key].shape)}; use the model config the checkpoint was trained with")
+        result = model.load_state_dict(state_dict, strict=False)
+        if result.missing_keys:
+            logger.info("Weights of %s not initialized from the checkpoint: %s",
+                        cls.__name__, result.missing_keys)
+        if result.unexpected_keys:
+            logger.info("Weights from the checkpoint not used in %s: %s",
+                        cls.__name__, result.unexpected_keys)
+        return model
+
+
+class UniterTextEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, position_ids, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        embeddings = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+                      + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class UniterImageEmbeddings(nn.Module):
+    def __init__(self, config, img_dim):
+        super().__init__()
+        self.img_linear = nn.Linear(img_dim, config.hidden_size)
+        self.img_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.pos_layer_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.pos_linear = nn.Linear(7, config.hidden_size)
+        # Used by UNITER pre-training (masked regions) only; kept so checkpoints load as they are.
+        self.mask_embedding = nn.Embedding(2, img_dim, padding_idx=0)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, img_feat, img_pos_feat, type_embeddings):
+        # features arrive as stored (float16); compute in the weights' dtype
+        dtype = self.img_linear.weight.dtype
+        transformed_im = self.img_layer_norm(self.img_linear(img_feat.to(dtype)))
+        transformed_pos = self.pos_layer_norm(self.pos_linear(img_pos_feat.to(dtype)))
+        return self.dropout(self.LayerNorm(transformed_im + transformed_pos + type_embeddings))
+
+
+class UniterEncoder(nn.Module):
+    """Stack of BERT layers; with IAIS it also returns the alignment loss of the last layer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+        # IAIS attention blocks from one softmax per key mask; False: the original's four passes
+        self.fused = True
+
+    def forward(self, input_, attention_mask, txt_attn_mask=None, img_attn_mask=None, max_tl=0,
+                output_all_encoded_layers=True, IAIS=False, pairs_num=3):
+        """attention_mask: 0/1 [B, N]. With IAIS, txt_attn_mask/img_attn_mask are the 0/1
+        position masks [P, N] of the positives (rows 0, pairs_num, 2*pairs_num, ...) and
+        max_tl is the padded text length; returns (layers, {'self_attn_loss': ...})."""
+        bias = additive_mask(attention_mask[:, None, None, :], input_.dtype)
+        hidden_states = input_
+        all_layers, losses = [], {}
+        last = len(self.layer) - 1
+        for i, layer_module in enumerate(self.layer):
+            if IAIS and i == last:
+                positives = hidden_states[::pairs_num]
+                scores = layer_module.attention.self.attention_scores(positives)
+                loss = iais_loss(IAIS, scores, txt_attn_mask, img_attn_mask, max_tl, self.fused)
+                losses[f"self_attn_loss/layer_{i}"] = loss
+                losses["self_attn_loss"] = loss
+            hidden_states = layer_module(hidden_states, bias)
+            if output_all_encoded_layers:
+                all_layers.append(hidden_states)
+        if not output_all_encoded_layers:
+            all_layers.append(hidden_states)
+        return (all_layers, losses) if IAIS else all_layers
+
+
+class UniterModel(UniterPreTrainedModel):
+    def __init__(self, config, img_dim):
+        super().__init__(config)
+        self.embeddings = UniterTextEmbeddings(config)
+        self.img_embeddings = UniterImageEmbeddings(config, img_dim)
+        self.encoder = UniterEncoder(config)
+        self.pooler = BertPooler(config)
+        self.apply(self.init_weights)
+
+    def _compute_img_embeddings(self, img_feat, img_pos_feat, img_type_ids=None):
+        if img_type_ids is None:
+            img_type_ids = torch.ones(img_feat.shape[:2], dtype=torch.long, device=img_feat.device)
+        type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)
+        return self.img_embeddings(img_feat, img_pos_feat, type_embeddings)
+
+    def _compute_img_txt_embeddings(self, input_ids, position_ids, img_feat, img_pos_feat,
+                                    gather_index=None, txt_type_ids=None, img_type_ids=None):
+        txt_emb = self.embeddings(input_ids, position_ids, txt_type_ids)
+        img_emb = self._compute_img_embeddings(img_feat, img_pos_feat, img_type_ids)
+        joint = torch.cat([txt_emb, img_emb], dim=1)
+        if gather_index is None:
+            return joint
+        # compact layout: each row becomes [its text | its boxes | padding]
+        index = gather_index.unsqueeze(-1).expand(-1, -1, self.config.hidden_size)
+        return torch.gather(joint, dim=1, index=index)
+
+    def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
+                gather_index=None, txt_attn_mask=None, img_attn_mask=None,
+                output_all_encoded_layers=True, IAIS=False, txt_type_ids=None,
+                img_type_ids=None, pairs_num=3):
+        embedding_output = self._compute_img_txt_embeddings(
+            input_ids, position_ids, img_feat, img_pos_feat, gather_index, txt_type_ids, img_type_ids)
+        if IAIS:
+            if txt_attn_mask is None or img_attn_mask is None:
+                raise ValueError("IAIS needs txt_attn_masks and img_attn_masks in the batch "
+                                 "(build the dataset with IAIS enabled)")
+            layers, losses = self.encoder(
+                embedding_output, attention_mask, txt_attn_mask, img_attn_mask, input_ids.size(1),
+                output_all_encoded_layers=output_all_encoded_layers, IAIS=IAIS, pairs_num=pairs_num)
+        else:
+            layers = self.encoder(embedding_output, attention_mask,
+                                  output_all_encoded_layers=output_all_encoded_layers)
+        if not output_all_encoded_layers:
+            layers = layers[-1]
+        return (layers, losses) if IAIS else layers
