@@ -55,9 +55,10 @@ def pair_loss(variant, txt, img, t2i, i2t, n_words, n_boxes):
 
 
 def _masked_probs(scores, row_mask, col_mask):
-    """softmax(scores + (1 - row x col) * -10000) * (row x col), over keys, in float32."""
-    block = (row_mask[:, None, :, None] * col_mask[:, None, None, :]).to(torch.float32)
-    probs = torch.softmax(scores.float() + (1.0 - block) * MASK_VALUE, dim=-1)
+    """softmax(scores + (1 - row x col) * -10000) * (row x col), over keys, in >= float32."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    block = (row_mask[:, None, :, None] * col_mask[:, None, None, :]).to(dtype)
+    probs = torch.softmax(scores.to(dtype) + (1.0 - block) * MASK_VALUE, dim=-1)
     return probs * block
 
 
@@ -77,8 +78,8 @@ def attention_blocks(scores, txt_mask, img_mask, max_tl, fused=True):
     if fused:
         to_txt = _masked_probs(scores, torch.ones_like(txt_mask), txt_mask)
         to_img = _masked_probs(scores, torch.ones_like(img_mask), img_mask)
-        rows_t = txt_mask[:, None, :, None].float()
-        rows_v = img_mask[:, None, :, None].float()
+        rows_t = txt_mask[:, None, :, None].to(to_txt.dtype)
+        rows_v = img_mask[:, None, :, None].to(to_txt.dtype)
         blocks = ((to_txt * rows_t)[..., t, t], (to_img * rows_v)[..., v, v],
                   (to_img * rows_t)[..., t, v], (to_txt * rows_v)[..., v, t])
     else:

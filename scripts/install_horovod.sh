@@ -47,7 +47,7 @@ else
     export HOROVOD_CPU_OPERATIONS=gloo
     echo "building horovod $VERSION with gloo (CPU)"
 fi
+"$PYTHON" -m pip install -q cffi cloudpickle psutil pyyaml packaging
 export MAKEFLAGS="-j$(nproc)"
 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-cache-dir "$src"
-"$PYTHON" -m pip install -q cloudpickle psutil pyyaml packaging
 "$PYTHON" -c "import horovod.torch as hvd; hvd.init(); print('horovod', hvd.__version__ if hasattr(hvd, '__version__') else '', 'size', hvd.size())"

@@ -1,0 +1,378 @@
+"""The on-disk formats of the UNITER/IAIS release: text DBs and image-feature DBs.
+
+txt_db: LMDB of lz4(msgpack({'input_ids', 'img_fname', ...})) plus JSON indexes.
+img_db: LMDB of msgpack-numpy maps (plain) or .npz bytes (compressed) of float16 arrays,
+in a sub-directory named after the box-selection settings.
+Every read and write of these formats lives here.
+"""
+import io
+import json
+import os
+from os.path import exists, isdir, join
+
+import lmdb
+import lz4.frame
+import msgpack
+import numpy as np
+import torch
+
+IMG_DB_KEYS = "__keys__"
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file or key at fault."""
+
+
+def _load_json(path):
+    if not exists(path):
+        raise DataError(f"{path} not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _processes_on_this_node():
+    for var in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
+        if os.environ.get(var):
+            return int(os.environ[var])
+    return 1
+
+
+def open_readonly(path):
+    """Open an LMDB for reading without creating or locking anything, so that it works
+    on read-only media; read-ahead only when one process per node reads it."""
+    if not isdir(path) or not exists(join(path, "data.mdb")):
+        raise DataError(f"{path} is not an LMDB directory (no data.mdb)")
+    return lmdb.open(path, readonly=True, create=False, lock=False, subdir=True,
+                     readahead=_processes_on_this_node() == 1, max_readers=1024)
+
+
+_ENVS = {}  # (pid, real path) -> environment: LMDB allows one per file and process
+
+
+class ReadOnlyLmdb:
+    """A read transaction that is reopened in each process (DataLoader workers fork or
+    unpickle the datasets; LMDB handles must not cross a process boundary)."""
+
+    def __init__(self, path):
+        self.path = path
+        self._open()
+
+    def _open(self):
+        self._pid = os.getpid()
+        key = (self._pid, os.path.realpath(self.path))
+        if key not in _ENVS:
+            _ENVS[key] = open_readonly(self.path)
+        self._txn = _ENVS[key].begin(buffers=True)
+
+    def get(self, key):
+        if self._pid != os.getpid():
+            self._open()
+        return self._txn.get(key)
+
+    def cursor(self):
+        if self._pid != os.getpid():
+            self._open()
+        return self._txn.cursor()
+
+    def __getstate__(self):
+        return {"path": self.path}
+
+    def __setstate__(self, state):
+        self.path = state["path"]
+        self._open()
+
+
+# ----------------------------------------------------------------------------- text DB
+
+def encode_txt(value):
+    return lz4.frame.compress(msgpack.packb(value, use_bin_type=True))
+
+
+def decode_txt(raw):
+    return msgpack.unpackb(lz4.frame.decompress(raw), raw=False)
+
+
+class TxtLmdb:
+    """Key -> dict store of a txt_db; opened for writing with readonly=False."""
+
+    def __init__(self, db_dir, readonly=True):
+        self.db_dir = db_dir
+        self.readonly = readonly
+        if readonly:
+            self.env, self.txn = None, ReadOnlyLmdb(db_dir)
+        else:
+            os.makedirs(db_dir, exist_ok=True)
+            self.env = lmdb.open(db_dir, readonly=False, create=True, map_size=1 << 40)
+            self.txn = self.env.begin(write=True)
+            self._pending = 0
+
+    def __getitem__(self, key):
+        raw = self.txn.get(key.encode("utf-8"))
+        if raw is None:
+            raise DataError(f"{self.db_dir}: text id {key!r} not in the LMDB")
+        try:
+            return decode_txt(bytes(raw))
+        except Exception as e:
+            raise DataError(f"{self.db_dir}: corrupt value for key {key!r} ({e})") from None
+
+    def __setitem__(self, key, value):
+        if self.readonly:
+            raise DataError(f"{self.db_dir} is opened read-only")
+        self.txn.put(key.encode("utf-8"), encode_txt(value))
+        self._pending += 1
+        if self._pending >= 1000:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+            self._pending = 0
+
+    def close(self):
+        if not self.readonly and self.env is not None:
+            self.txn.commit()
+            self.env.close()
+            self.env = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TxtTokLmdb:
+    """A tokenised caption split: ids filtered by ``max_txt_len`` (-1 keeps all)."""
+
+    def __init__(self, db_dir, max_txt_len=60):
+        if not isdir(db_dir):
+            raise DataError(f"txt_db {db_dir} not found")
+        id2len = _load_json(join(db_dir, "id2len.json"))
+        self.id2len = (id2len if max_txt_len == -1 else
+                       {id_: n for id_, n in id2len.items() if n <= max_txt_len})
+        self.db_dir = db_dir
+        self.db = TxtLmdb(db_dir, readonly=True)
+        meta = _load_json(join(db_dir, "meta.json"))
+        try:
+            self.cls_, self.sep, self.mask = meta["CLS"], meta["SEP"], meta["MASK"]
+            self.v_range = meta["v_range"]
+        except KeyError as e:
+            raise DataError(f"{db_dir}/meta.json lacks key {e}") from None
+        self._txt2img = self._img2txts = None
+
+    def __getitem__(self, id_):
+        return self.db[id_]
+
+    def combine_inputs(self, *inputs):
+        """[CLS] ids [SEP] (ids [SEP] ...) as a LongTensor."""
+        input_ids = [self.cls_]
+        for ids in inputs:
+            input_ids.extend(list(ids) + [self.sep])
+        return torch.tensor(input_ids)
+
+    @property
+    def txt2img(self):
+        if self._txt2img is None:
+            self._txt2img = _load_json(join(self.db_dir, "txt2img.json"))
+        return self._txt2img
+
+    @property
+    def img2txts(self):
+        if self._img2txts is None:
+            self._img2txts = _load_json(join(self.db_dir, "img2txts.json"))
+        return self._img2txts
+
+
+def write_txt_db(db_dir, examples, meta):
+    """Write a txt_db from ``{text_id: {'input_ids', 'img_fname', ...}}`` in order."""
+    if exists(join(db_dir, "data.mdb")):
+        raise DataError(f"{db_dir} already holds an LMDB; remove it or choose another output")
+    id2len, txt2img, img2txts = {}, {}, {}
+    with TxtLmdb(db_dir, readonly=False) as db:
+        for id_, ex in examples.items():
+            db[id_] = ex
+            id2len[id_] = len(ex["input_ids"])
+            txt2img[id_] = ex["img_fname"]
+            img2txts.setdefault(ex["img_fname"], []).append(id_)
+    for name, obj in (("id2len", id2len), ("txt2img", txt2img), ("img2txts", img2txts), ("meta", meta)):
+        with open(join(db_dir, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(obj, f)
+
+
+# ----------------------------------------------------------------------------- image DB
+
+def compute_num_bb(conf, conf_th, min_bb, max_bb):
+    """Boxes kept for an image: those above conf_th, clipped to [min_bb, max_bb]."""
+    return int(min(max_bb, max(min_bb, int((np.asarray(conf) > conf_th).sum()))))
+
+
+def img_db_names(conf_th, max_bb, min_bb, num_bb, compress):
+    """(LMDB sub-directory, count file) of a box-selection setting."""
+    if conf_th == -1:
+        db_name, nbb_file = f"feat_numbb{num_bb}", None
+    else:
+        db_name = f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
+        nbb_file = f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
+    return db_name + ("_compressed" if compress else ""), nbb_file
+
+
+def _get(d, key):
+    """msgpack-numpy maps carry bytes keys when written by current tools, str by older ones."""
+    return d[key] if key in d else d[key.encode()]
+
+
+def _msgpack_array(encoded):
+    shape = tuple(_get(encoded, "shape"))
+    dtype = np.dtype(_get(encoded, "type"))
+    return np.frombuffer(_get(encoded, "data"), dtype=dtype).reshape(shape)
+
+
+def encode_img_dump(arrays, compress):
+    """Arrays (features, norm_bb, conf, soft_labels) -> an img_db value."""
+    if compress:
+        with io.BytesIO() as buf:
+            np.savez_compressed(buf, **arrays)
+            return buf.getvalue()
+    return msgpack.packb({k: {b"nd": True, b"type": a.dtype.str, b"kind": b"", b"shape": list(a.shape),
+                              b"data": np.ascontiguousarray(a).tobytes()}
+                          for k, a in arrays.items()}, use_bin_type=True)
+
+
+def decode_img_dump(raw, compress, keys=None):
+    """An img_db value -> {name: array} (read-only arrays over the value's bytes).
+
+    ``keys`` limits which arrays are materialised (compressed values decode only those)."""
+    if compress:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
+            return {k: npz[k] for k in (keys or npz.files)}
+    dump = msgpack.unpackb(raw, raw=False)
+    return {k: _msgpack_array(v) for k, v in dump.items() if keys is None or k in keys}
+
+
+class DetectFeatLmdb:
+    """Region features of one image set. ``img_db[fname] -> (features, norm_bb)``:
+    features [nbb, 2048] in their stored float16, norm_bb [nbb, 6] float32."""
+
+    def __init__(self, img_dir, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36, compress=True):
+        if not isdir(img_dir):
+            raise DataError(f"img_db {img_dir} not found")
+        self.img_dir, self.conf_th, self.max_bb, self.min_bb = img_dir, conf_th, max_bb, min_bb
+        self.compress = compress
+        db_name, nbb_file = img_db_names(conf_th, max_bb, min_bb, num_bb, compress)
+        if conf_th == -1:
+            name2nbb = None
+        elif exists(join(img_dir, nbb_file)):
+            name2nbb = _load_json(join(img_dir, nbb_file))
+        else:
+            name2nbb = None
+            fallback = "all_compressed" if compress else "all"
+            if exists(join(img_dir, fallback)):
+                db_name = fallback
+                if not compress:
+                    name2nbb = _load_json(join(img_dir, "nbb.json"))
+        if not exists(join(img_dir, db_name)):
+            present = sorted(d for d in os.listdir(img_dir) if isdir(join(img_dir, d)))
+            raise DataError(f"{img_dir} has no {db_name}/ for conf_th={conf_th} max_bb={max_bb} "
+                            f"min_bb={min_bb} num_bb={num_bb} compressed={compress} "
+                            f"(found: {', '.join(present) or 'nothing'})")
+        self.db_dir = join(img_dir, db_name)
+        self.txn = ReadOnlyLmdb(self.db_dir)
+        if conf_th == -1:
+            self.name2nbb = {name: num_bb for name in self.keys()}
+        else:
+            self.name2nbb = name2nbb if name2nbb is not None else self._compute_nbb()
+
+    def keys(self):
+        raw = self.txn.get(IMG_DB_KEYS.encode())
+        if raw is not None:
+            return json.loads(bytes(raw).decode("utf-8"))
+        return [bytes(k).decode("utf-8") for k, _ in self.txn.cursor() if bytes(k) != IMG_DB_KEYS.encode()]
+
+    def _compute_nbb(self):
+        return {name: compute_num_bb(self.read_arrays(name, ("conf",), cut=False)["conf"],
+                                     self.conf_th, self.min_bb, self.max_bb)
+                for name in self.keys()}
+
+    def read_arrays(self, fname, keys=("features", "norm_bb"), cut=True):
+        """Named arrays of one image, cut to its box count unless cut=False."""
+        raw = self.txn.get(fname.encode("utf-8"))
+        if raw is None:
+            raise DataError(f"{self.db_dir}: image {fname!r} not in the LMDB")
+        try:
+            arrays = decode_img_dump(raw, self.compress, keys)
+        except Exception as e:
+            raise DataError(f"{self.db_dir}: corrupt value for key {fname!r} ({type(e).__name__}: {e})") from None
+        if cut:
+            nbb = self.name2nbb[fname]
+            arrays = {k: a[:nbb] for k, a in arrays.items()}
+        return arrays
+
+    def __getitem__(self, fname):
+        arrays = self.read_arrays(fname)
+        feat = torch.from_numpy(np.array(arrays["features"]))
+        norm_bb = torch.from_numpy(arrays["norm_bb"].astype(np.float32))
+        return feat, norm_bb
+
+
+class ImageLmdbGroup:
+    """Opens each img_db once, however many splits use it."""
+
+    def __init__(self, conf_th, max_bb, min_bb, num_bb, compress):
+        self.settings = (conf_th, max_bb, min_bb, num_bb, compress)
+        self.path2imgdb = {}
+
+    def __getitem__(self, path):
+        key = os.path.normpath(path)
+        if key not in self.path2imgdb:
+            self.path2imgdb[key] = DetectFeatLmdb(path, *self.settings)
+        return self.path2imgdb[key]
+
+
+class ImgDbWriter:
+    """Writes an img_db in the release layout: LMDB values plus ``__keys__`` and the
+    box-count JSON of the chosen setting."""
+
+    def __init__(self, img_dir, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36, compress=False):
+        self.img_dir, self.compress = img_dir, compress
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
+        db_name, self.nbb_file = img_db_names(conf_th, max_bb, min_bb, num_bb, compress)
+        self.db_dir = join(img_dir, db_name)
+        if exists(join(self.db_dir, "data.mdb")):
+            raise DataError(f"{self.db_dir} already exists; remove it or choose another output")
+        os.makedirs(self.db_dir, exist_ok=True)
+        self.env = lmdb.open(self.db_dir, map_size=1 << 40)
+        self.txn = self.env.begin(write=True)
+        self.name2nbb, self._pending = {}, 0
+
+    def put(self, fname, arrays, nbb=None):
+        """arrays: features/norm_bb/conf/soft_labels (stored as float16); nbb defaults to
+        the count implied by ``conf`` and the writer's setting."""
+        arrays = {k: np.asarray(a, dtype=np.float16) for k, a in arrays.items()}
+        if nbb is None:
+            nbb = (self.num_bb if self.conf_th == -1 else
+                   compute_num_bb(arrays["conf"], self.conf_th, self.min_bb, self.max_bb))
+        self.txn.put(fname.encode("utf-8"), encode_img_dump(arrays, self.compress))
+        self.name2nbb[fname] = int(nbb)
+        self._pending += 1
+        if self._pending >= 500:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+            self._pending = 0
+
+    def close(self):
+        self.txn.put(IMG_DB_KEYS.encode(), json.dumps(list(self.name2nbb)).encode("utf-8"))
+        self.txn.commit()
+        self.env.close()
+        if self.nbb_file:
+            with open(join(self.img_dir, self.nbb_file), "w", encoding="utf-8") as f:
+                json.dump(self.name2nbb, f)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:
+            self.close()
+        else:
+            self.txn.abort()
+            self.env.close()

@@ -1,0 +1,223 @@
+"""Image-text matching datasets: hard-negative training groups, quick validation and
+full evaluation. Each item is already a batch (DataLoader batch_size=1)."""
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from utils.distributed import get_rank, get_world_size
+
+from .batch import compact_attn_masks, get_gather_index, padded_layout_masks
+from .db import DataError, DetectFeatLmdb, TxtTokLmdb
+
+
+def get_ids_and_lens(txt_db):
+    """This process's share of the text ids (ids[rank::world_size]) and their lengths."""
+    ids = list(txt_db.id2len)[get_rank()::get_world_size()]
+    return [txt_db.id2len[i] for i in ids], ids
+
+
+def _has_overlap(la, lb):
+    if len(la) < len(lb):
+        la, lb = lb, la
+    s = set(la)
+    return any(b in s for b in lb)
+
+
+def sample_negative(sample_pool, ground_truths, num_sample):
+    """``num_sample`` draws from the pool without any ground truth (redrawn until so)."""
+    outputs = ground_truths[:1]
+    while _has_overlap(outputs, ground_truths):
+        outputs = random.sample(sample_pool, num_sample)
+    return outputs
+
+
+def box_position_features(norm_bb):
+    """[n, 6] (x1, y1, x2, y2, w, h) -> [n, 7] with the area w*h appended."""
+    return torch.cat([norm_bb, norm_bb[:, 4:5] * norm_bb[:, 5:]], dim=-1)
+
+
+class DetectFeatTxtTokDataset(Dataset):
+    """Captions of this process's shard, with access to their images' features."""
+
+    def __init__(self, txt_db, img_db):
+        if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, DetectFeatLmdb):
+            raise TypeError("expected a TxtTokLmdb and a DetectFeatLmdb")
+        self.txt_db, self.img_db = txt_db, img_db
+        txt_lens, self.ids = get_ids_and_lens(txt_db)
+        if not txt_db.id2len:
+            raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
+                            f"raise --max_txt_len")
+        txt2img = txt_db.txt2img
+        missing = sorted({txt2img[i] for i in txt_db.id2len} - set(img_db.name2nbb))
+        if missing:
+            raise DataError(f"{len(missing)} image(s) of {txt_db.db_dir} are not in {img_db.db_dir} "
+                            f"(first: {', '.join(missing[:3])}); check that txt_db and img_db match")
+        self.lens = [tl + img_db.name2nbb[txt2img[id_]] for tl, id_ in zip(txt_lens, self.ids)]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return self.txt_db[self.ids[i]]
+
+    def _get_img_feat(self, fname):
+        feat, norm_bb = self.img_db[fname]
+        return feat, box_position_features(norm_bb), feat.size(0)
+
+    def _get_img_feats(self, fnames):
+        """Features of several images padded into one tensor:
+        (img_feat [n, max_nbb, D] as stored, img_pos_feat [n, max_nbb, 7] float32, num_bbs)."""
+        arrays = [self.img_db.read_arrays(f) for f in fnames]
+        num_bbs = [a["features"].shape[0] for a in arrays]
+        n, max_nbb = len(fnames), max(num_bbs)
+        feat = np.zeros((n, max_nbb, arrays[0]["features"].shape[1]), dtype=arrays[0]["features"].dtype)
+        bb = np.zeros((n, max_nbb, 6), dtype=np.float32)
+        for i, (a, nbb) in enumerate(zip(arrays, num_bbs)):
+            feat[i, :nbb] = a["features"]
+            bb[i, :nbb] = a["norm_bb"]
+        bb = torch.from_numpy(bb)
+        pos = torch.cat([bb, bb[..., 4:5] * bb[..., 5:]], dim=-1)
+        return torch.from_numpy(feat), pos, num_bbs
+
+
+def _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, all_rows):
+    """Padded layout with the word/box position masks IAIS needs (of row 0 unless all_rows)."""
+    attn_masks, words, boxes = padded_layout_masks(txt_lens, num_bbs)
+    rows = slice(None) if all_rows else slice(0, 1)
+    return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
+            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks,
+            "txt_attn_masks": words[rows], "img_attn_masks": boxes[rows]}
+
+
+def _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, box_start):
+    attn_masks = compact_attn_masks(txt_lens, num_bbs)
+    gather_index = get_gather_index(txt_lens, num_bbs, len(txt_lens), box_start, attn_masks.size(1))
+    return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
+            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks, "gather_index": gather_index}
+
+
+class ItmRankDatasetHardNegFromText(DetectFeatTxtTokDataset):
+    """One caption against its image and ``neg_sample_size`` random other images."""
+
+    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False):
+        if neg_sample_size <= 0:
+            raise ValueError("neg_sample_size must be at least 1")
+        super().__init__(txt_db, img_db)
+        txt2img = txt_db.txt2img
+        self.txt2img = {id_: txt2img[id_] for id_ in self.ids}
+        self.img2txts = txt_db.img2txts
+        self.img_name_list = list(self.img2txts)
+        self.neg_sample_size = neg_sample_size
+        self.IAIS = IAIS
+
+    def __getitem__(self, i):
+        txt_id = self.ids[i]
+        gt_img = self.txt2img[txt_id]
+        input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"]).unsqueeze(0)
+        tl = input_ids.size(1)
+        position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
+        img_ids = [gt_img] + sample_negative(self.img_name_list, [gt_img], self.neg_sample_size)
+        img_feat, img_pos_feat, num_bbs = self._get_img_feats(img_ids)
+        txt_lens = [tl] * len(img_ids)
+        if self.IAIS:
+            return _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, False)
+        return _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
+
+
+class ItmRankDatasetHardNegFromImage(DetectFeatTxtTokDataset):
+    """One image against its caption and ``neg_sample_size`` captions of other images."""
+
+    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False):
+        if neg_sample_size <= 0:
+            raise ValueError("neg_sample_size must be at least 1")
+        super().__init__(txt_db, img_db)
+        txt2img = txt_db.txt2img
+        self.txt2img = {id_: txt2img[id_] for id_ in self.ids}
+        self.img2txts = txt_db.img2txts
+        self.txt_name_list = list(self.txt2img)
+        self.neg_sample_size = neg_sample_size
+        self.IAIS = IAIS
+
+    def __getitem__(self, i):
+        txt_id = self.ids[i]
+        gt_img = self.txt2img[txt_id]
+        feat, pos, nbb = self._get_img_feat(gt_img)
+        txt_ids = [txt_id] + sample_negative(self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
+        texts = [self.txt_db.combine_inputs(self.txt_db[t]["input_ids"]) for t in txt_ids]
+        txt_lens = [len(t) for t in texts]
+        input_ids = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True, padding_value=0)
+        position_ids = torch.arange(input_ids.size(1), dtype=torch.long).unsqueeze(0)
+        num_bbs = [nbb] * len(txt_ids)
+        args = (input_ids, position_ids, feat.unsqueeze(0), pos.unsqueeze(0), txt_lens, num_bbs)
+        if self.IAIS:
+            return _iais_batch(*args, all_rows=False)
+        # boxes start after the *last* caption in the original's gather index (see get_gather_index)
+        return _compact_batch(*args, box_start=txt_lens[-1])
+
+
+def itm_rank_hn_collate(inputs):
+    assert len(inputs) == 1, "hard-negative datasets yield whole batches; use batch_size=1"
+    return inputs[0]
+
+
+class ItmValDataset(DetectFeatTxtTokDataset):
+    """Quick validation: each caption against its image and the next
+    ``mini_batch_size - 1`` images of the split (wrapping around)."""
+
+    def __init__(self, txt_db, img_db, mini_batch_size=400, IAIS=False):
+        super().__init__(txt_db, img_db)
+        del self.lens
+        self.txt2img = txt_db.txt2img
+        self.img2txts = txt_db.img2txts
+        self.all_img_ids = list(self.img2txts)
+        self.IAIS = IAIS
+        if not 0 < mini_batch_size <= len(self.all_img_ids):
+            raise DataError(f"inf_minibatch_size {mini_batch_size} must be between 1 and the "
+                            f"{len(self.all_img_ids)} images of {txt_db.db_dir}")
+        self.bs = mini_batch_size
+        self._img_pos = {img: j for j, img in enumerate(self.all_img_ids)}
+
+    def _get_batch_ids(self, i):
+        gt_img = self.txt2img[self.ids[i]]
+        j = self._img_pos[gt_img]
+        n = len(self.all_img_ids)
+        return gt_img, [self.all_img_ids[(j + k) % n] for k in range(1, self.bs)]
+
+    def __getitem__(self, i):
+        gt_img, neg_imgs = self._get_batch_ids(i)
+        return self.get_batch(i, [gt_img] + neg_imgs)
+
+    def get_batch(self, i, img_ids):
+        """Caption i against ``img_ids``."""
+        input_ids = self.txt_db.combine_inputs(self.txt_db[self.ids[i]]["input_ids"])
+        tl = input_ids.size(0)
+        input_ids = input_ids.unsqueeze(0).expand(len(img_ids), -1).clone()
+        position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
+        img_feat, img_pos_feat, num_bbs = self._get_img_feats(img_ids)
+        txt_lens = [tl] * len(img_ids)
+        if self.IAIS:
+            return _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, True)
+        return _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
+
+
+def itm_val_collate(inputs):
+    assert len(inputs) == 1, "validation datasets yield whole batches; use batch_size=1"
+    return inputs[0]
+
+
+class ItmEvalDataset(ItmValDataset):
+    """Full evaluation: each caption against every image of the split, images sorted by
+    box count and cut into mini-batches of ``mini_batch_size``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.all_img_ids = sorted(self.all_img_ids, key=lambda i: self.img_db.name2nbb[i])
+
+    def __getitem__(self, i):
+        return [self.get_batch(i, self.all_img_ids[st:st + self.bs])
+                for st in range(0, len(self.all_img_ids), self.bs)]
+
+
+itm_eval_collate = itm_val_collate

@@ -1,0 +1,33 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "original")
+TXT_DB = os.path.join(FIXTURES, "orig_db", "txt_db", "itm_flickr30k_test.db")
+IMG_DB = os.path.join(FIXTURES, "orig_db", "img_db", "flickr30k")
+TINY_CONFIG = os.path.join(FIXTURES, "uniter-tiny.json")
+
+
+def load_fixture(name):
+    return torch.load(os.path.join(FIXTURES, name), weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def ref_model_state():
+    return load_fixture("ref_model.pt")
+
+
+@pytest.fixture
+def txt_db():
+    from data import TxtTokLmdb
+    return TxtTokLmdb(TXT_DB, -1)
+
+
+@pytest.fixture
+def img_db():
+    from data import DetectFeatLmdb
+    return DetectFeatLmdb(IMG_DB, 0.2, 100, 10, 36, False)

@@ -1,0 +1,236 @@
+"""Data layer: the release formats byte for byte, the original's batches, writers, errors."""
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+
+import lmdb
+import msgpack
+import msgpack_numpy
+import numpy as np
+import pytest
+import torch
+
+from conftest import IMG_DB, TXT_DB, load_fixture
+from data import (DataError, DetectFeatLmdb, ImageLmdbGroup, ImgDbWriter, ItmEvalDataset,
+                  ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ItmValDataset,
+                  TxtTokLmdb, write_txt_db)
+from data.db import decode_txt
+
+REF_FEATS = load_fixture("ref_img_feats.pt")
+
+
+def _check_against_reference(img_db):
+    assert img_db.name2nbb == REF_FEATS["name2nbb"]
+    for name, ref in REF_FEATS["feats"].items():
+        feat, norm_bb = img_db[name]
+        as_loaded = feat.float().numpy()
+        assert list(as_loaded.shape) == ref["shape"]
+        assert hashlib.sha256(as_loaded.tobytes()).hexdigest() == ref["features_sha256"]
+        assert torch.equal(norm_bb, ref["norm_bb"].float())
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "compressed"])
+def test_release_img_db_reads_exactly(compress):
+    _check_against_reference(DetectFeatLmdb(IMG_DB, 0.2, 100, 10, 36, compress))
+
+
+def _read_only_copy(src, dst):
+    shutil.copytree(src, dst)
+    for root, dirs, files in os.walk(dst):
+        for f in files:
+            if f == "lock.mdb":
+                os.remove(os.path.join(root, f))
+    for root, dirs, files in os.walk(dst, topdown=False):
+        for f in files:
+            os.chmod(os.path.join(root, f), stat.S_IRUSR | stat.S_IRGRP)
+        os.chmod(root, stat.S_IRUSR | stat.S_IXUSR)
+
+
+def test_read_only_copy_without_lock_files(tmp_path):
+    img_dir, txt_dir = tmp_path / "img", tmp_path / "txt"
+    _read_only_copy(IMG_DB, img_dir)
+    _read_only_copy(TXT_DB, txt_dir)
+    try:
+        _check_against_reference(DetectFeatLmdb(str(img_dir), 0.2, 100, 10, 36, False))
+        txt = TxtTokLmdb(str(txt_dir), -1)
+        assert txt["test_flickr30k_000000000000_0"]["input_ids"] == [726, 483, 679, 341]
+        for root, _, files in os.walk(tmp_path):
+            assert "lock.mdb" not in files
+    finally:
+        for root, dirs, _ in os.walk(tmp_path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o755)
+
+
+def test_img_db_group_opens_each_db_once():
+    group = ImageLmdbGroup(0.2, 100, 10, 36, False)
+    assert group[IMG_DB] is group[IMG_DB + "/"]
+
+
+def test_box_counts_computed_from_conf_without_count_file(tmp_path):
+    """No count file: the 'all' sub-DB, counts from conf (min/max clipped)."""
+    rng = np.random.default_rng(0)
+    confs = {"a.npz": np.array([0.9, 0.5, 0.1, 0.05]), "b.npz": np.array([0.9] * 6)}
+    w = ImgDbWriter(str(tmp_path), conf_th=0.2, max_bb=5, min_bb=1, compress=True)
+    for name, conf in confs.items():
+        n = len(conf)
+        w.put(name, {"features": rng.standard_normal((n, 8)), "norm_bb": rng.random((n, 6)),
+                     "conf": conf, "soft_labels": rng.random((n, 3))})
+    w.close()
+    os.rename(tmp_path / "feat_th0.2_max5_min1_compressed", tmp_path / "all_compressed")
+    os.remove(tmp_path / "nbb_th0.2_max5_min1.json")
+    db = DetectFeatLmdb(str(tmp_path), 0.2, 5, 1, 36, True)
+    assert db.name2nbb == {"a.npz": 2, "b.npz": 5}
+    assert db["b.npz"][0].shape == (5, 8)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "compressed"])
+def test_img_writer_round_trip_and_original_layout(tmp_path, compress):
+    rng = np.random.default_rng(1)
+    arrays = {"features": rng.standard_normal((12, 2048)).astype(np.float16),
+              "norm_bb": rng.random((12, 6)).astype(np.float16),
+              "conf": np.linspace(1, 0, 12).astype(np.float16),
+              "soft_labels": rng.random((12, 1601)).astype(np.float16)}
+    with ImgDbWriter(str(tmp_path), 0.2, 100, 3, 36, compress) as w:
+        w.put("x.npz", arrays)
+    db = DetectFeatLmdb(str(tmp_path), 0.2, 100, 3, 36, compress)
+    nbb = int((arrays["conf"] > 0.2).sum())
+    assert db.name2nbb == {"x.npz": nbb}
+    feat, bb = db["x.npz"]
+    assert np.array_equal(feat.numpy(), arrays["features"][:nbb])
+    assert np.array_equal(bb.numpy(), arrays["norm_bb"][:nbb].astype(np.float32))
+    # decodable the way the original reader decodes it
+    raw = bytes(db.txn.get(b"x.npz"))
+    assert json.loads(bytes(db.txn.get(b"__keys__"))) == ["x.npz"]
+    if compress:
+        import io
+        dump = np.load(io.BytesIO(raw), allow_pickle=True)
+    else:
+        dump = msgpack.loads(raw, raw=False, object_hook=msgpack_numpy.decode)
+    for k, a in arrays.items():
+        assert np.array_equal(dump[k], a)
+
+
+def test_txt_writer_round_trip(tmp_path):
+    examples = {"t0": {"input_ids": [5, 6, 7], "img_fname": "a.npz"},
+                "t1": {"input_ids": [8], "img_fname": "a.npz"},
+                "t2": {"input_ids": [9, 9], "img_fname": "b.npz"}}
+    meta = {"CLS": 101, "SEP": 102, "MASK": 103, "UNK": 100, "v_range": [106, 200], "toker": "x"}
+    write_txt_db(str(tmp_path / "db"), examples, meta)
+    db = TxtTokLmdb(str(tmp_path / "db"), 2)
+    assert list(db.id2len) == ["t1", "t2"]
+    assert db.img2txts == {"a.npz": ["t0", "t1"], "b.npz": ["t2"]}
+    assert db["t0"]["input_ids"] == [5, 6, 7]
+    assert db.combine_inputs([5, 6]).tolist() == [101, 5, 6, 102]
+    assert decode_txt(bytes(db.db.txn.get(b"t2"))) == examples["t2"]
+
+
+CASES = load_fixture("ref_hardneg.pt")
+
+
+def _rebuild(case, txt_db, img_db):
+    cls = ItmRankDatasetHardNegFromText if case["sample_from"] == "t" else ItmRankDatasetHardNegFromImage
+    if case["IAIS"]:
+        random.seed(6)
+        ds = cls(txt_db, img_db, 7, case["IAIS"].split("-")[1])
+        items = {0: ds[0]}
+        items[17] = ds[17]
+    else:
+        random.seed(7)
+        items = {5: cls(txt_db, img_db, 7, False)[5]}
+    return items[case["idx"]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['sample_from']}-{c['IAIS']}-{c['idx']}" for c in CASES])
+def test_hard_negative_batches_rebuilt_exactly(case, txt_db, img_db):
+    batch = _rebuild(case, txt_db, img_db)
+    assert set(batch) == set(case["batch"])
+    for k, ref in case["batch"].items():
+        assert batch[k].dtype == ref.dtype, k
+        assert torch.equal(batch[k], ref), k
+
+
+def test_eval_dataset_order(txt_db, img_db):
+    ref = load_fixture("ref_eval.pt")
+    ds = ItmEvalDataset(txt_db, img_db, 8)
+    assert ds.ids == ref["txt_ids"] and ds.all_img_ids == ref["img_ids"]
+    batches = ds[0]
+    assert [b["img_feat"].size(0) for b in batches] == [8, 4]
+
+
+def test_val_dataset_wraps_around(txt_db, img_db):
+    ds = ItmValDataset(txt_db, img_db, 5)
+    last = len(ds) - 1
+    gt, negs = ds._get_batch_ids(last)
+    imgs = ds.all_img_ids
+    j = imgs.index(gt)
+    assert negs == [imgs[(j + k) % len(imgs)] for k in range(1, 5)]
+    assert ds[last]["img_feat"].size(0) == 5
+
+
+def test_negatives_never_overlap_positives(txt_db, img_db):
+    random.seed(0)
+    t = ItmRankDatasetHardNegFromText(txt_db, img_db, 7, False)
+    i = ItmRankDatasetHardNegFromImage(txt_db, img_db, 7, False)
+    for k in range(len(t)):
+        random.seed(k)
+        from data.itm import sample_negative
+        gt = t.txt2img[t.ids[k]]
+        assert gt not in sample_negative(t.img_name_list, [gt], 7)
+        own = i.img2txts[gt]
+        assert not set(own) & set(sample_negative(i.txt_name_list, own, 7))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharding_is_disjoint_and_complete(monkeypatch, txt_db, img_db, world):
+    import data.itm
+    shards = []
+    for rank in range(world):
+        monkeypatch.setattr(data.itm, "get_rank", lambda r=rank: r)
+        monkeypatch.setattr(data.itm, "get_world_size", lambda: world)
+        shards.append(ItmRankDatasetHardNegFromText(txt_db, img_db, 3).ids)
+    flat = [i for s in shards for i in s]
+    assert len(flat) == len(set(flat)) == len(txt_db.id2len)
+    assert shards[1] == list(txt_db.id2len)[1::world]
+
+
+def test_errors_name_the_culprit(tmp_path, txt_db, img_db):
+    with pytest.raises(DataError, match="nowhere"):
+        TxtTokLmdb(str(tmp_path / "nowhere"), 60)
+    bad = tmp_path / "txt"
+    shutil.copytree(TXT_DB, bad)
+    os.remove(bad / "meta.json")
+    with pytest.raises(DataError, match="meta.json"):
+        TxtTokLmdb(str(bad), 60)
+    with pytest.raises(DataError, match="feat_th0.3_max100_min10"):
+        DetectFeatLmdb(IMG_DB, 0.3, 100, 10, 36, False)
+    with pytest.raises(DataError, match="raise --max_txt_len"):
+        ItmRankDatasetHardNegFromText(TxtTokLmdb(TXT_DB, 1), img_db, 3)
+    with pytest.raises(DataError, match="inf_minibatch_size 13"):
+        ItmValDataset(txt_db, img_db, 13)
+
+
+def test_captions_without_image_are_reported(tmp_path, img_db):
+    bad = tmp_path / "txt"
+    shutil.copytree(TXT_DB, bad)
+    t2i = json.loads((bad / "txt2img.json").read_text())
+    first = next(iter(t2i))
+    t2i[first] = "missing_image.npz"
+    (bad / "txt2img.json").write_text(json.dumps(t2i))
+    with pytest.raises(DataError, match=r"1 image\(s\).*missing_image.npz"):
+        ItmRankDatasetHardNegFromText(TxtTokLmdb(str(bad), -1), img_db, 3)
+
+
+def test_corrupt_lmdb_value_names_the_key(tmp_path):
+    dst = tmp_path / "img"
+    shutil.copytree(IMG_DB, dst)
+    env = lmdb.open(str(dst / "feat_th0.2_max100_min10"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(b"flickr30k_000000000003.npz", b"\xc1garbage")
+    env.close()
+    db = DetectFeatLmdb(str(dst), 0.2, 100, 10, 36, False)
+    with pytest.raises(DataError, match="flickr30k_000000000003.npz"):
+        db["flickr30k_000000000003.npz"]

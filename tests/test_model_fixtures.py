@@ -1,0 +1,132 @@
+"""The model reproduces outputs of the original code (tests/fixtures/original)."""
+import pytest
+import torch
+
+from conftest import TINY_CONFIG, load_fixture
+from model import (CheckpointMismatchError, UniterConfig, UniterForImageTextRetrieval,
+                   UniterForImageTextRetrievalHardNeg)
+
+CASES = load_fixture("ref_hardneg.pt")
+CASE_IDS = [f"{c['sample_from']}-{c['IAIS'] or 'plain'}-{c['idx']}" for c in CASES]
+
+
+def tiny_hardneg(state, fused):
+    config = UniterConfig.from_json_file(TINY_CONFIG)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    model = UniterForImageTextRetrievalHardNeg.from_pretrained(config, dict(state), img_dim=2048,
+                                                               margin=0.2, hard_size=3)
+    return model.set_fused_attention(fused)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_hard_negative_training_forward(case, fused, ref_model_state):
+    model = tiny_hardneg(ref_model_state, fused)
+    batch = {k: (v.float() if k == "img_feat" else v) for k, v in case["batch"].items()}
+    model.train()
+    out = model(batch, sample_from=case["sample_from"], compute_loss=True, IAIS=case["IAIS"])
+    if not case["IAIS"]:
+        torch.testing.assert_close(out, case["rank_loss"], rtol=0, atol=1e-5)
+        return
+    rank_loss, losses = out
+    torch.testing.assert_close(rank_loss, case["rank_loss"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(losses["self_attn_loss"], case["self_attn_loss"], rtol=0, atol=1e-5)
+    assert set(losses) == {"self_attn_loss", "self_attn_loss/layer_1"}
+    (rank_loss.mean() + losses["self_attn_loss"]).backward()
+    params = dict(model.named_parameters())
+    for name, ref in case["grads"].items():
+        # rtol 1e-4 relative to the gradient's scale (elementwise, near-zero entries would
+        # only measure float32 rounding)
+        torch.testing.assert_close(params[name].grad, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch, sample_from=case["sample_from"], compute_loss=False)
+    torch.testing.assert_close(scores, case["scores"], rtol=0, atol=1e-5)
+
+
+def test_float16_features_give_the_same_scores(ref_model_state):
+    """Features stay float16 until the model: casting first changes nothing."""
+    model = tiny_hardneg(ref_model_state, True).eval()
+    case = CASES[0]
+    with torch.no_grad():
+        s16 = model(case["batch"], sample_from="t", compute_loss=False)
+        s32 = model({**case["batch"], "img_feat": case["batch"]["img_feat"].float()},
+                    sample_from="t", compute_loss=False)
+    assert torch.equal(s16, s32)
+
+
+def test_pretraining_checkpoint_and_init_output(txt_db, img_db):
+    from data import ItmEvalDataset
+    state = load_fixture("ref_pretrain.pt")
+    ref = load_fixture("ref_pretrain_out.pt")
+    model = UniterForImageTextRetrieval.from_pretrained(TINY_CONFIG, state, img_dim=2048, pairs_num=1)
+    model.init_output()
+    assert torch.equal(model.rank_output.weight, ref["rank_w"])
+    assert torch.equal(model.rank_output.bias, ref["rank_b"])
+    # gamma/beta were renamed and loaded
+    assert torch.equal(model.uniter.embeddings.LayerNorm.weight, state["uniter.embeddings.LayerNorm.gamma"])
+    batch = ItmEvalDataset(txt_db, img_db, 12)[0][0]
+    model.eval()
+    with torch.no_grad():
+        scores = model(batch, compute_loss=False)
+    torch.testing.assert_close(scores, ref["scores_text0"], rtol=0, atol=1e-5)
+
+
+def test_bert_prefix_is_stripped(ref_model_state):
+    prefixed = {f"bert.{k}": v for k, v in ref_model_state.items()}
+    model = UniterForImageTextRetrieval.from_pretrained(TINY_CONFIG, prefixed, img_dim=2048, pairs_num=1)
+    assert torch.equal(model.rank_output.weight, ref_model_state["rank_output.weight"])
+
+
+def test_missing_and_unexpected_keys_are_logged(ref_model_state, caplog):
+    state = dict(ref_model_state)
+    del state["rank_output.bias"]
+    state["feat_regress.weight"] = torch.zeros(3)
+    with caplog.at_level("INFO", logger="model.model"):
+        UniterForImageTextRetrieval.from_pretrained(TINY_CONFIG, state, img_dim=2048, pairs_num=1)
+    assert "rank_output.bias" in caplog.text and "feat_regress.weight" in caplog.text
+
+
+def test_mismatched_checkpoint_names_first_key_and_shapes(ref_model_state):
+    config = UniterConfig.from_json_file(TINY_CONFIG)
+    config.hidden_size, config.intermediate_size = 32, 64
+    with pytest.raises(CheckpointMismatchError) as err:
+        UniterForImageTextRetrieval.from_pretrained(config, ref_model_state, img_dim=2048, pairs_num=1)
+    msg = str(err.value)
+    assert "uniter.embeddings.word_embeddings.weight" in msg
+    assert "(1000, 64)" in msg and "(1000, 32)" in msg
+    assert "\n" not in msg
+
+
+def _expected_keys(n_layers):
+    keys = ["uniter.embeddings.word_embeddings.weight", "uniter.embeddings.position_embeddings.weight",
+            "uniter.embeddings.token_type_embeddings.weight", "uniter.embeddings.LayerNorm.weight",
+            "uniter.embeddings.LayerNorm.bias"]
+    for m in ("img_linear", "img_layer_norm", "pos_layer_norm", "pos_linear", "LayerNorm"):
+        keys += [f"uniter.img_embeddings.{m}.weight", f"uniter.img_embeddings.{m}.bias"]
+    keys.append("uniter.img_embeddings.mask_embedding.weight")
+    for i in range(n_layers):
+        p = f"uniter.encoder.layer.{i}."
+        for m in ("attention.self.query", "attention.self.key", "attention.self.value",
+                  "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
+                  "output.dense", "output.LayerNorm"):
+            keys += [p + m + ".weight", p + m + ".bias"]
+    keys += ["uniter.pooler.dense.weight", "uniter.pooler.dense.bias", "itm_output.weight",
+             "itm_output.bias", "rank_output.weight", "rank_output.bias"]
+    return set(keys)
+
+
+@pytest.mark.parametrize("name,layers,hidden,inter", [("base", 12, 768, 3072), ("large", 24, 1024, 4096)])
+def test_release_configs_key_and_shape_lists(name, layers, hidden, inter):
+    config = UniterConfig.from_json_file(f"config/uniter-{name}.json")
+    with torch.device("meta"):
+        model = UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=31)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert set(shapes) == _expected_keys(layers)
+    assert shapes["uniter.embeddings.word_embeddings.weight"] == (28996, hidden)
+    assert shapes["uniter.embeddings.position_embeddings.weight"] == (512, hidden)
+    assert shapes["uniter.img_embeddings.img_linear.weight"] == (hidden, 2048)
+    assert shapes["uniter.img_embeddings.pos_linear.weight"] == (hidden, 7)
+    assert shapes["uniter.img_embeddings.mask_embedding.weight"] == (2, 2048)
+    assert shapes["uniter.encoder.layer.0.intermediate.dense.weight"] == (inter, hidden)
+    assert shapes["itm_output.weight"] == (2, hidden) and shapes["rank_output.weight"] == (1, hidden)

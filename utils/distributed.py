@@ -1,0 +1,144 @@
+"""One interface over horovod (horovodrun), torch.distributed (torchrun) and a single
+process. The rest of the code calls these functions and never asks which one runs."""
+import datetime
+import os
+import pickle
+
+import torch
+
+_backend = None  # None (single process), "horovod" or "torch"
+_hvd = None
+
+
+def launched_by_horovod():
+    return "HOROVOD_RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ
+
+
+def launched_by_torchrun():
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def init(timeout_s=600):
+    """Join the process group the launcher set up (if any); returns the torch device.
+
+    Collectives time out after ``timeout_s`` so that a dead rank stops the others."""
+    global _backend, _hvd
+    use_cuda = torch.cuda.is_available()
+    if launched_by_horovod():
+        os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(timeout_s))
+        import horovod.torch as hvd
+        hvd.init()
+        _backend, _hvd = "horovod", hvd
+    elif launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if use_cuda else "gloo"
+        if use_cuda:
+            torch.cuda.set_device(get_local_rank())
+        torch.distributed.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _backend = "torch"
+    if use_cuda:
+        torch.cuda.set_device(get_local_rank())
+        return torch.device("cuda", get_local_rank())
+    return torch.device("cpu")
+
+
+def backend_name():
+    return _backend or "single process"
+
+
+def get_rank():
+    if _backend == "horovod":
+        return _hvd.rank()
+    if _backend == "torch":
+        return torch.distributed.get_rank()
+    return 0
+
+
+def get_world_size():
+    if _backend == "horovod":
+        return _hvd.size()
+    if _backend == "torch":
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def get_local_rank():
+    if _backend == "horovod":
+        return _hvd.local_rank()
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def broadcast_parameters(module, root=0):
+    """Give every rank rank ``root``'s parameters and buffers."""
+    if _backend == "horovod":
+        _hvd.broadcast_parameters(module.state_dict(), root_rank=root)
+    elif _backend == "torch":
+        for tensor in module.state_dict().values():
+            torch.distributed.broadcast(tensor, src=root)
+
+
+def all_reduce_mean(tensors):
+    """Average tensors (gradients) over ranks, in place, as one flat buffer."""
+    if _backend is None or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    if _backend == "horovod":
+        flat = _hvd.allreduce(flat, op=_hvd.Average, name="grads")
+    else:
+        torch.distributed.all_reduce(flat)
+        flat /= get_world_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def all_gather_object(obj):
+    """List of every rank's ``obj`` (picklable), in rank order."""
+    if _backend is None:
+        return [obj]
+    if _backend == "torch":
+        out = [None] * get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    gathered = _hvd.allgather(payload)
+    sizes = _hvd.allgather(torch.tensor([payload.numel()]))
+    out, offset = [], 0
+    for n in sizes.tolist():
+        out.append(pickle.loads(gathered[offset:offset + n].numpy().tobytes()))
+        offset += n
+    return out
+
+
+def all_gather_rows(tensor):
+    """Concatenate every rank's tensor along dim 0 (row counts may differ), in rank order."""
+    if _backend is None:
+        return tensor
+    if _backend == "horovod":
+        return _hvd.allgather(tensor)
+    sizes = all_gather_object(tensor.size(0))
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[:tensor.size(0)] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def barrier():
+    if _backend == "horovod":
+        _hvd.join()
+    elif _backend == "torch":
+        torch.distributed.barrier()
+
+
+def shutdown():
+    global _backend
+    if _backend == "torch":
+        torch.distributed.destroy_process_group()
+    elif _backend == "horovod":
+        _hvd.shutdown()
+    _backend = None
