@@ -70,13 +70,16 @@ def inference(model, eval_loader, IAIS=False):
 
 @torch.no_grad()
 def gather_scores(model, eval_loader, IAIS=False):
-    """(score matrix, text ids, image ids) over all processes, in rank-shard order."""
+    """(score matrix, text ids, image ids) over all processes. Rows follow the split's own
+    text order whatever the number of processes, so results do not depend on it."""
     scores = inference(model, eval_loader, IAIS)
     dset = eval_loader.dataset
     all_scores = all_gather_rows(scores)
     txt_ids = [i for ids in all_gather_object(dset.ids) for i in ids]
     assert all_scores.shape == (len(txt_ids), len(dset.all_img_ids))
-    return all_scores, txt_ids, list(dset.all_img_ids)
+    position = {t: k for k, t in enumerate(dset.txt_db.id2len)}
+    order = sorted(range(len(txt_ids)), key=lambda r: position[txt_ids[r]])
+    return all_scores[order], [txt_ids[r] for r in order], list(dset.all_img_ids)
 
 
 @torch.no_grad()

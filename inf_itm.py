@@ -1,0 +1,104 @@
+"""Evaluate an image-text retrieval checkpoint: every text against every image, R@1/5/10.
+
+    horovodrun -np 8 python inf_itm.py --txt_db /txt/itm_flickr30k_test.db --img_db /img/flickr30k/ \\
+        --checkpoint /storage/itm/flickr/hard_neg/ckpt/model_step_5000.pt \\
+        --model_config config/uniter-base.json --output_dir /storage/eval --fp16
+    torchrun --nproc_per_node 2 inf_itm.py ...   |   python inf_itm.py ...
+
+Writes output_dir/scores.json (R@K), output_dir/score_matrix.pt ({'scores': [texts x images]
+float32, 'txt_ids', 'img_ids'}; torch.load(..., weights_only=True) reads it) and
+output_dir/config.json. A checkpoint without ``rank_output`` (a pre-trained UNITER) is
+evaluated zero-shot from its ITM head.
+"""
+import json
+import os
+from os.path import join
+
+from torch.utils.data import DataLoader
+
+from data import DetectFeatLmdb, ItmEvalDataset, PrefetchLoader, TxtTokLmdb, itm_eval_collate
+from model import IMG_DIM, UniterForImageTextRetrieval
+from utils import distributed as dist
+from utils.checkpoint import atomic_save, load_checkpoint
+from utils.cli import run
+from utils.config import ConfigError, load_json, make_parser
+from utils.itm_eval import format_recall_table, gather_scores, itm_eval
+from utils.logger import LOGGER, setup_logging
+from utils.precision import autocast, resolve_amp
+
+
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--txt_db", type=str, default=None, help="text DB of the split to evaluate")
+    a("--img_db", type=str, default=None, help="image DB of the split")
+    a("--checkpoint", type=str, default=None, help="model weights (.pt state dict)")
+    a("--model_config", type=str, default=None, help="model config JSON (e.g. config/uniter-base.json)")
+    a("--output_dir", type=str, default=None, help="where scores.json and score_matrix.pt go")
+    a("--train_config", type=str, default=None, help="hps.json of training: take its box settings")
+    a("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
+    a("--conf_th", type=float, default=0.2, help="box confidence threshold (-1: fixed num_bb)")
+    a("--max_bb", type=int, default=100, help="max boxes per image")
+    a("--min_bb", type=int, default=10, help="min boxes per image")
+    a("--num_bb", type=int, default=36, help="boxes per image when conf_th is -1")
+    a("--batch_size", type=int, default=400, help="images per forward pass")
+    a("--fp16", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
+    a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype")
+    a("--n_workers", type=int, default=4, help="data loader worker processes")
+    a("--pin_mem", action="store_true", help="pin host memory of batches")
+    a("--IAIS", default=False, choices=["singular", "distributed", False],
+      help="score in the padded layout IAIS training uses (same scores)")
+    a("--original_counting", type=int, choices=[0, 1], default=1,
+      help="1: image-retrieval R@K counted as the original code (the paper's numbers); 0: textbook")
+    a("--collective_timeout", type=int, default=600, help="seconds before a collective gives up")
+    return p
+
+
+def main(opts):
+    for key in ("txt_db", "img_db", "checkpoint", "model_config", "output_dir"):
+        if not getattr(opts, key):
+            raise ConfigError(f"--{key} is required")
+    if opts.batch_size <= 0:
+        raise ConfigError(f"--batch_size must be positive, got {opts.batch_size}")
+    device = dist.init(opts.collective_timeout)
+    setup_logging(dist.is_main_process())
+    if opts.train_config is not None:
+        train_opts = load_json(opts.train_config, "train config")
+        for key in ("conf_th", "max_bb", "min_bb", "num_bb"):
+            if key in train_opts:
+                setattr(opts, key, train_opts[key])
+    amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)
+
+    img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
+                            opts.compressed_db)
+    txt_db = TxtTokLmdb(opts.txt_db, -1)
+    dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS)
+
+    state = load_checkpoint(opts.checkpoint)
+    model = UniterForImageTextRetrieval.from_pretrained(opts.model_config, state, img_dim=IMG_DIM, pairs_num=1)
+    if not any(k.endswith("rank_output.weight") for k in state):
+        LOGGER.info("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)
+        model.init_output()
+    model.to(device).eval()
+
+    loader = PrefetchLoader(DataLoader(dataset, batch_size=1, num_workers=opts.n_workers,
+                                       pin_memory=opts.pin_mem, collate_fn=itm_eval_collate), device)
+    with autocast(device, amp_dtype):
+        scores, txt_ids, img_ids = gather_scores(model, loader, opts.IAIS)
+    if dist.is_main_process():
+        log = itm_eval(scores, txt_ids, img_ids, txt_db.txt2img, txt_db.img2txts,
+                       original_counting=bool(opts.original_counting))
+        os.makedirs(opts.output_dir, exist_ok=True)
+        with open(join(opts.output_dir, "config.json"), "w") as f:
+            json.dump(vars(opts), f, indent=2)
+        atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids},
+                    join(opts.output_dir, "score_matrix.pt"))
+        with open(join(opts.output_dir, "scores.json"), "w") as f:
+            json.dump(log, f, indent=2)
+        print(format_recall_table(log))
+    dist.barrier()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    run(main, build_parser())

@@ -1,0 +1,28 @@
+"""Entry-point wrapper: user mistakes become one line on stderr and exit status 2."""
+import os
+import sys
+
+from data import DataError
+from model import CheckpointMismatchError
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, parse_with_config
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. gradients non-finite for too long)."""
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError)
+
+
+def run(main_fn, parser, config_only_keys=()):
+    prog = os.path.basename(sys.argv[0])
+    try:
+        main_fn(parse_with_config(parser, config_only_keys=config_only_keys))
+    except USER_ERRORS as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

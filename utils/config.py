@@ -1,0 +1,108 @@
+"""Command line + JSON config: the JSON sets defaults, flags given on the command line win.
+
+Mistakes (unknown key or flag, wrong type, malformed JSON) raise ConfigError with one line
+that names the culprit and, where it helps, the closest known name.
+"""
+import argparse
+import difflib
+import json
+import sys
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def make_parser(description):
+    return _Parser(description=description, allow_abbrev=False)
+
+
+def _closest(name, known):
+    match = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def load_json(path, what="config"):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {path} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
+def _check_type(action, key, value, source):
+    """Validate a JSON value against the argparse action that would have parsed it."""
+    def fail(expected):
+        raise ConfigError(f"{source}: {key} must be {expected}, got {json.dumps(value)}")
+
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if not isinstance(value, list):
+            fail("a list")
+        return [_check_scalar(action, key, v, source) for v in value]
+    return _check_scalar(action, key, value, source)
+
+
+def _check_scalar(action, key, value, source):
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{source}: {key} must be one of "
+                          f"{', '.join(json.dumps(c) for c in action.choices)}, got {json.dumps(value)}")
+    typ = action.type
+    ok = True
+    if value is None:
+        ok = action.default is None
+    elif typ is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif typ is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif typ is str:
+        ok = isinstance(value, str)
+    if not ok:
+        name = {int: "an integer", float: "a number", str: "a string"}.get(typ, "valid")
+        raise ConfigError(f"{source}: {key} must be {name}, got {json.dumps(value)}")
+    return value
+
+
+def parse_with_config(parser, argv=None, config_only_keys=()):
+    """Parse flags; when --config is given, its keys fill in every flag not on the command
+    line. ``config_only_keys`` are accepted in the JSON only (dataset paths and the like)."""
+    argv = sys.argv[1:] if argv is None else argv
+    known = {a.dest: a for a in parser._actions if a.dest != "help"}
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flag = next((u for u in unknown if u.startswith("-")), unknown[0])
+        flags = [s for a in parser._actions for s in a.option_strings]
+        raise ConfigError(f"unknown argument {flag}{_closest(flag.split('=')[0], flags)}")
+    for key in config_only_keys:
+        setattr(args, key, None)
+    if getattr(args, "config", None):
+        given = set()
+        for token in argv:
+            if token.startswith("--"):
+                action = parser._option_string_actions.get(token.split("=")[0])
+                if action is not None:
+                    given.add(action.dest)
+        config = load_json(args.config)
+        if not isinstance(config, dict):
+            raise ConfigError(f"{args.config}: the config must be a JSON object")
+        for key, value in config.items():
+            if key in config_only_keys:
+                setattr(args, key, value)
+            elif key in known and key != "config":
+                if key not in given:
+                    setattr(args, key, _check_type(known[key], key, value, args.config))
+            else:
+                raise ConfigError(f"{args.config}: unknown key {key!r}"
+                                  f"{_closest(key, list(known) + list(config_only_keys))}")
+    return args
