@@ -239,6 +239,7 @@ def main(opts):
     optimizer.zero_grad(set_to_none=True)
     while global_step < opts.num_train_steps:
         tsa = tsa_weight(global_step, opts.num_train_steps).to(device)
+        step_loss = 0.0
         for _ in range(opts.train_batch_size):
             for side, sample_from, modality in (("image", "i", "V"), ("text", "t", "L")):
                 batch = next(streams[side])
@@ -247,6 +248,7 @@ def main(opts):
                 with autocast(device, amp_dtype):
                     loss, parts = hard_batch_loss(model, batch, sample_from, variant, tsa, opts)
                 scaler.scale(loss).backward()
+                step_loss += loss.item()
                 running["loss"](loss.item())
                 for k in ("rank_loss", "self_attn_loss"):
                     if k in parts:
@@ -280,6 +282,7 @@ def main(opts):
         elapsed = time() - start
         ex_per_s = n_examples * dist.get_world_size() / max(elapsed, 1e-9)
         tb.add_scalar("lr", lr, global_step)
+        tb.add_scalar("loss_step", step_loss, global_step)
         tb.add_scalar("grad_norm", grad_norm, global_step)
         tb.add_scalar("perf/ex_per_s", ex_per_s, global_step)
         for k, meter in running.items():

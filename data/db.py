@@ -332,10 +332,14 @@ class ImgDbWriter:
     """Writes an img_db in the release layout: LMDB values plus ``__keys__`` and the
     box-count JSON of the chosen setting."""
 
-    def __init__(self, img_dir, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36, compress=False):
+    def __init__(self, img_dir, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36, compress=False,
+                 keep_all=False):
         self.img_dir, self.compress = img_dir, compress
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
-        db_name, self.nbb_file = img_db_names(conf_th, max_bb, min_bb, num_bb, compress)
+        if keep_all:  # every box, counts in nbb.json (the 'all' sub-DB)
+            db_name, self.nbb_file = "all" + ("_compressed" if compress else ""), "nbb.json"
+        else:
+            db_name, self.nbb_file = img_db_names(conf_th, max_bb, min_bb, num_bb, compress)
         self.db_dir = join(img_dir, db_name)
         if exists(join(self.db_dir, "data.mdb")):
             raise DataError(f"{self.db_dir} already exists; remove it or choose another output")
@@ -344,13 +348,18 @@ class ImgDbWriter:
         self.txn = self.env.begin(write=True)
         self.name2nbb, self._pending = {}, 0
 
+    def box_count(self, conf):
+        """Boxes kept under the writer's setting for an image with these confidences."""
+        if self.conf_th == -1:
+            return min(self.num_bb, len(conf))
+        return compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb)
+
     def put(self, fname, arrays, nbb=None):
         """arrays: features/norm_bb/conf/soft_labels (stored as float16); nbb defaults to
         the count implied by ``conf`` and the writer's setting."""
         arrays = {k: np.asarray(a, dtype=np.float16) for k, a in arrays.items()}
         if nbb is None:
-            nbb = (self.num_bb if self.conf_th == -1 else
-                   compute_num_bb(arrays["conf"], self.conf_th, self.min_bb, self.max_bb))
+            nbb = self.box_count(arrays["conf"])
         self.txn.put(fname.encode("utf-8"), encode_img_dump(arrays, self.compress))
         self.name2nbb[fname] = int(nbb)
         self._pending += 1

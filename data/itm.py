@@ -174,8 +174,9 @@ class ItmValDataset(DetectFeatTxtTokDataset):
         self.all_img_ids = list(self.img2txts)
         self.IAIS = IAIS
         if not 0 < mini_batch_size <= len(self.all_img_ids):
-            raise DataError(f"inf_minibatch_size {mini_batch_size} must be between 1 and the "
-                            f"{len(self.all_img_ids)} images of {txt_db.db_dir}")
+            raise DataError(f"image mini-batch size {mini_batch_size} (inf_minibatch_size; --batch_size "
+                            f"of inf_itm.py) must be between 1 and the {len(self.all_img_ids)} "
+                            f"images of {txt_db.db_dir}")
         self.bs = mini_batch_size
         self._img_pos = {img: j for j, img in enumerate(self.all_img_ids)}
 

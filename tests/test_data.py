@@ -209,7 +209,7 @@ def test_errors_name_the_culprit(tmp_path, txt_db, img_db):
         DetectFeatLmdb(IMG_DB, 0.3, 100, 10, 36, False)
     with pytest.raises(DataError, match="raise --max_txt_len"):
         ItmRankDatasetHardNegFromText(TxtTokLmdb(TXT_DB, 1), img_db, 3)
-    with pytest.raises(DataError, match="inf_minibatch_size 13"):
+    with pytest.raises(DataError, match="mini-batch size 13"):
         ItmValDataset(txt_db, img_db, 13)
 
 

@@ -62,6 +62,8 @@ def warmup_linear(step, warmup_step, tot_step):
     """BERT schedule: linear warm-up, then linear decay to 0 at tot_step."""
     if step < warmup_step:
         return step / warmup_step
+    if step >= tot_step:
+        return 0
     return max(0, (tot_step - step) / (tot_step - warmup_step))
 
 

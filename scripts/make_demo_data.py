@@ -1,0 +1,145 @@
+"""Build a small synthetic retrieval data set in the release formats (txt_db + img_db).
+
+Every image holds three objects on a 3x3 grid plus background regions; region features
+are noisy object prototypes (2048-d, float16), boxes give the positions. Images come in
+twins with the same objects in other places, and captions name two objects and their
+spatial relation ("a dog left of a ball"), so telling twins apart needs the relation, not
+only the objects.
+
+    python scripts/make_demo_data.py --output demo        # ~20 s on 2 cores
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from os.path import abspath, dirname, exists, join
+
+import numpy as np
+
+sys.path.insert(0, dirname(dirname(abspath(__file__))))
+from data.db import ImgDbWriter, write_txt_db  # noqa: E402
+
+NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
+         "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
+         "bottle", "train", "sheep", "cow", "plate", "bench", "door", "fish", "vase", "bear"]
+RELATIONS = ["left", "right", "above", "below"]
+WORDS = ["a", "of"] + RELATIONS + NOUNS
+FIRST_WORD_ID = 106  # after BERT's [PAD]/[unused]/[UNK]/[CLS]/[SEP]/[MASK] block
+META = {"UNK": 100, "CLS": 101, "SEP": 102, "MASK": 103,
+        "v_range": [FIRST_WORD_ID, FIRST_WORD_ID + len(WORDS)], "toker": "demo-vocab"}
+VOCAB = {w: FIRST_WORD_ID + i for i, w in enumerate(WORDS)}
+FEAT_DIM = 2048
+GRID = [(0.2 + 0.3 * c, 0.2 + 0.3 * r) for r in range(3) for c in range(3)]  # cell centres
+
+
+def relation(a, b):
+    """Spatial relation of box centre a to box centre b."""
+    dx, dy = a[0] - b[0], a[1] - b[1]
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "above" if dy < 0 else "below"
+
+
+def caption(noun_a, noun_b, rel):
+    return ["a", noun_a, rel] + (["of"] if rel in ("left", "right") else []) + ["a", noun_b]
+
+
+class World:
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        proto = lambda n: self.rng.standard_normal((n, FEAT_DIM)).astype(np.float32)
+        self.noun_proto, self.background = proto(len(NOUNS)), proto(4)
+
+    def box(self, centre, size):
+        w, h = size
+        x1, y1 = np.clip(centre[0] - w / 2, 0, 1), np.clip(centre[1] - h / 2, 0, 1)
+        x2, y2 = np.clip(centre[0] + w / 2, 0, 1), np.clip(centre[1] + h / 2, 0, 1)
+        return [x1, y1, x2, y2, x2 - x1, y2 - y1]
+
+    def image(self, objects, cells):
+        """Regions of one image: the objects at the given grid cells, then background."""
+        rng = self.rng
+        feats, boxes = [], []
+        for noun, cell in zip(objects, cells):
+            feats.append(self.noun_proto[NOUNS.index(noun)] + 0.5 * rng.standard_normal(FEAT_DIM))
+            centre = np.array(GRID[cell]) + rng.uniform(-0.04, 0.04, 2)
+            boxes.append(self.box(centre, rng.uniform(0.15, 0.25, 2)))
+        for _ in range(rng.integers(7, 14)):
+            feats.append(0.2 * (self.background[rng.integers(4)] + rng.standard_normal(FEAT_DIM)))
+            boxes.append(self.box(rng.uniform(0.1, 0.9, 2), rng.uniform(0.1, 0.6, 2)))
+        n = len(feats)
+        order = rng.permutation(n)  # objects are not always the first regions
+        conf = np.concatenate([rng.uniform(0.7, 1.0, len(objects)), rng.uniform(0.25, 0.6, n - len(objects))])
+        return {"features": np.stack(feats)[order], "norm_bb": np.array(boxes)[order],
+                "conf": conf[order], "soft_labels": rng.random((n, 1601)) / 1601}
+
+    def twins(self):
+        """Two images with the same three objects in different places, and their captions."""
+        rng = self.rng
+        nouns = rng.choice(len(NOUNS), 3, replace=False)
+        objects = [NOUNS[i] for i in nouns]
+        cells = rng.choice(9, 3, replace=False)
+        out = []
+        for layout in (cells, self._relayout(cells)):
+            centres = [GRID[c] for c in layout]
+            pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+            chosen = rng.choice(len(pairs), 5, replace=False)
+            caps = [caption(objects[a], objects[b], relation(centres[a], centres[b]))
+                    for a, b in (pairs[k] for k in chosen)]
+            out.append((self.image(objects, layout), caps))
+        return out
+
+    def _relayout(self, cells):
+        """Other cells for the same objects such that at least two pairwise relations change."""
+        centres = [GRID[c] for c in cells]
+        while True:
+            new = self.rng.choice(9, 3, replace=False)
+            moved = [GRID[c] for c in new]
+            changed = sum(relation(centres[a], centres[b]) != relation(moved[a], moved[b])
+                          for a in range(3) for b in range(a + 1, 3))
+            if changed >= 2:
+                return new
+
+
+def build(output, n_train, n_val, n_test, seed, conf_th=0.2, max_bb=100, min_bb=10):
+    if exists(output) and os.listdir(output):
+        raise SystemExit(f"make_demo_data.py: error: {output} is not empty; remove it or choose another --output")
+    world = World(seed)
+    img_writer = ImgDbWriter(join(output, "img_db", "demo"), conf_th, max_bb, min_bb, compress=False)
+    n_img = 0
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        examples = {}
+        for _ in range((n + 1) // 2):
+            for arrays, caps in world.twins():
+                if n_img >= sum((n_train, n_val, n_test)[:("train", "val", "test").index(split) + 1]):
+                    break
+                fname = f"demo_{n_img:012d}.npz"
+                img_writer.put(fname, arrays)
+                for k, words in enumerate(caps):
+                    examples[f"{split}_{fname[:-4]}_{k}"] = {
+                        "input_ids": [VOCAB[w] for w in words], "img_fname": fname,
+                        "raw": " ".join(words), "id": f"{split}_{fname[:-4]}_{k}"}
+                n_img += 1
+        write_txt_db(join(output, "txt_db", f"itm_demo_{split}.db"), examples, META)
+    img_writer.close()
+    with open(join(output, "vocab.json"), "w") as f:
+        json.dump(VOCAB, f, indent=0)
+    return n_img
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--output", default="demo", help="output directory (txt_db/, img_db/demo/)")
+    p.add_argument("--n_train", type=int, default=1000, help="training images")
+    p.add_argument("--n_val", type=int, default=100, help="validation images")
+    p.add_argument("--n_test", type=int, default=100, help="test images")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    args = p.parse_args()
+    st = time.time()
+    n = build(args.output, args.n_train, args.n_val, args.n_test, args.seed)
+    print(f"wrote {n} images and {5 * n} captions to {args.output} in {time.time() - st:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

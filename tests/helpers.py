@@ -1,0 +1,45 @@
+"""Running the entry points the way a user does."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import FIXTURES, IMG_DB, ROOT, TINY_CONFIG, TXT_DB
+
+PY = sys.executable
+BIN = os.path.dirname(PY)
+
+
+def tiny_train_config(path, **overrides):
+    """A training config on the fixture split (train = val = test) with the tiny model."""
+    config = {
+        "train_txt_dbs": [TXT_DB], "train_img_dbs": [IMG_DB], "val_txt_db": TXT_DB, "val_img_db": IMG_DB,
+        "test_txt_db": TXT_DB, "test_img_db": IMG_DB, "model_config": TINY_CONFIG,
+        "checkpoint": os.path.join(FIXTURES, "ref_model.pt"), "train_batch_size": 2, "negative_size": 7,
+        "hard_neg_size": 7, "inf_minibatch_size": 8, "learning_rate": 1e-4, "valid_steps": 2,
+        "num_train_steps": 4, "optim": "adamw", "warmup_steps": 1, "grad_norm": 2.0, "n_workers": 0,
+    }
+    config.update(overrides)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(path)
+
+
+def run(args, launcher=None, nproc=2, timeout=300, env=None):
+    if launcher == "torchrun":
+        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc)] + args
+    elif launcher == "horovodrun":
+        cmd = [os.path.join(BIN, "horovodrun"), "-np", str(nproc), "--gloo", PY] + args
+    else:
+        cmd = [PY] + args
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def have(tool):
+    return shutil.which(tool, path=BIN) is not None
+
+
+def horovod_available():
+    return subprocess.run([PY, "-c", "import horovod.torch"], capture_output=True).returncode == 0

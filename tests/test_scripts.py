@@ -1,0 +1,141 @@
+"""Data-building scripts, the download script and the container launcher."""
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from data import DetectFeatLmdb, TxtTokLmdb
+from helpers import PY, run
+
+
+def _npz(path, n, nbb, seed):
+    rng = np.random.default_rng(seed)
+    np.savez(path, features=rng.random((n, 2048), dtype=np.float32), norm_bb=rng.random((n, 6), dtype=np.float32),
+             conf=np.linspace(0.99, 0.01, n).astype(np.float32), soft_labels=rng.random((n, 1601), dtype=np.float32),
+             nbb=np.array(nbb))
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_convert_imgdir(tmp_path, compress):
+    src = tmp_path / "flickr_demo"
+    src.mkdir()
+    for i, n in enumerate((30, 12, 50)):
+        _npz(src / f"img{i}.npz", n, n, i)
+    (src / "broken.npz").write_bytes(b"not an npz")
+    res = run(["scripts/convert_imgdir.py", "--img_dir", str(src), "--output", str(tmp_path / "out"),
+               "--nproc", "2", "--min_bb", "5", "--max_bb", "20"] + (["--compress"] if compress else []))
+    assert res.returncode == 0, res.stderr
+    assert "skipped 1 unreadable file(s)" in res.stdout and "broken.npz" in res.stdout
+    db = DetectFeatLmdb(str(tmp_path / "out" / "flickr_demo"), 0.2, 20, 5, 36, compress)
+    conf = np.linspace(0.99, 0.01, 30)
+    expected = min(20, max(5, int((conf.astype(np.float32) > 0.2).sum())))
+    assert db.name2nbb["img0.npz"] == expected
+    feat, bb = db["img0.npz"]
+    with np.load(src / "img0.npz") as raw:
+        assert np.array_equal(feat.numpy(), raw["features"][:expected].astype(np.float16))
+    assert sorted(db.name2nbb) == ["img0.npz", "img1.npz", "img2.npz"]
+
+
+def test_convert_imgdir_keep_all(tmp_path):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    _npz(src / "a.npz", 40, 33, 0)
+    res = run(["scripts/convert_imgdir.py", "--img_dir", str(src), "--output", str(tmp_path / "out"),
+               "--nproc", "1", "--keep_all"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "out" / "imgs" / "nbb.json").read_text()) == {"a.npz": 33}
+    # no count file for the default setting: the reader falls back to 'all' + nbb.json
+    db = DetectFeatLmdb(str(tmp_path / "out" / "imgs"), 0.2, 100, 10, 36, False)
+    assert db["a.npz"][0].shape == (33, 2048)
+
+
+VOCAB = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
+         "[unused100]", "[unused101]", "!", "a", "dog", "runs", "on", "the", "grass", "two", "men", "play",
+         "##s", ".", "A", "Two"]
+
+
+def test_prepro_itm_karpathy_json(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    ann = {"dataset": "flickr30k", "images": [
+        {"filename": "1000092795.jpg", "imgid": 0, "split": "train",
+         "sentences": [{"raw": "A dog runs on the grass.", "tokens": [], "sentid": 0},
+                       {"raw": "Two men plays.", "tokens": [], "sentid": 1}]},
+        {"filename": "42.jpg", "imgid": 1, "split": "test",
+         "sentences": [{"raw": "a dog", "tokens": [], "sentid": 2}]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    res = run(["scripts/prepro_itm.py", "--annotation", str(tmp_path / "ann.json"), "--vocab",
+               str(tmp_path / "vocab.txt"), "--output", str(tmp_path / "txt")])
+    assert res.returncode == 0, res.stderr
+    train = TxtTokLmdb(str(tmp_path / "txt" / "itm_flickr30k_train.db"), -1)
+    ids = {w: i for i, w in enumerate(VOCAB)}
+    assert train["0"]["input_ids"] == [ids[w] for w in ("A", "dog", "runs", "on", "the", "grass", ".")]
+    assert train["1"]["input_ids"] == [ids["Two"], ids["men"], ids["play"], ids["##s"], ids["."]]
+    assert train.txt2img == {"0": "flickr30k_001000092795.npz", "1": "flickr30k_001000092795.npz"}
+    meta = json.loads((tmp_path / "txt" / "itm_flickr30k_train.db" / "meta.json").read_text())
+    assert meta == {"UNK": 100, "CLS": 101, "SEP": 102, "MASK": 103, "v_range": [106, len(VOCAB)],
+                    "toker": "bert-base-cased"}
+    test = TxtTokLmdb(str(tmp_path / "txt" / "itm_flickr30k_test.db"), -1)
+    assert test.img2txts == {"flickr30k_000000000042.npz": ["2"]}
+    assert (tmp_path / "txt" / "itm_flickr30k_val.db" / "id2len.json").exists()
+
+
+def _db_contents(root):
+    img = DetectFeatLmdb(str(root / "img_db" / "demo"), 0.2, 100, 10, 36, False)
+    txt = TxtTokLmdb(str(root / "txt_db" / "itm_demo_test.db"), -1)
+    return ({k: txt[k]["input_ids"] for k in txt.id2len}, img.name2nbb,
+            {k: img[k][0].sum().item() for k in list(img.name2nbb)[:5]})
+
+
+def test_demo_data_is_deterministic_and_readable(tmp_path):
+    args = ["scripts/make_demo_data.py", "--n_train", "20", "--n_val", "4", "--n_test", "6"]
+    for name in ("a", "b"):
+        res = run(args + ["--output", str(tmp_path / name)])
+        assert res.returncode == 0, res.stderr
+    a, b = _db_contents(tmp_path / "a"), _db_contents(tmp_path / "b")
+    assert a == b
+    texts, name2nbb, _ = a
+    assert len(texts) == 30 and len(name2nbb) == 30 and all(n >= 10 for n in name2nbb.values())
+    res = run(args + ["--output", str(tmp_path / "a")])
+    assert res.returncode != 0 and "not empty" in res.stderr
+
+
+def test_download_dry_run(tmp_path):
+    res = subprocess.run(["bash", "scripts/download_itm.sh", "--dry-run", str(tmp_path / "st")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert any("img_db/flickr30k.tar" in line for line in lines)
+    assert sum("txt_db/itm_coco_" in line for line in lines) == 4
+    assert any(line.endswith(f"{tmp_path}/st/pretrained/uniter-large.pt") for line in lines)
+    assert any("bert-base-cased-vocab.txt" in line for line in lines)
+    assert any("api.github.com/repos/lancopku/IAIS/releases/tags/v0.1.0" in line for line in lines)
+    assert not (tmp_path / "st").exists()
+    res = subprocess.run(["bash", "scripts/download_itm.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_launch_container_arguments(tmp_path):
+    fake = tmp_path / "docker"
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    fake.chmod(0o755)
+    dirs = [tmp_path / d for d in ("txt", "img", "out", "pre")]
+    for d in dirs[:2] + dirs[3:]:
+        d.mkdir()
+    cmd = f"source launch_container.sh {' '.join(map(str, dirs))}"
+    env = {**os.environ, "DOCKER": str(fake), "CUDA_VISIBLE_DEVICES": "2,3", "IAIS_IMAGE": "my/iais:1"}
+    res = subprocess.run(["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    args = res.stdout.splitlines()
+    assert args[args.index("--gpus") + 1] == '"device=2,3"'
+    assert f"src={dirs[0]},dst=/txt,type=bind,readonly" in args
+    assert f"src={dirs[1]},dst=/img,type=bind,readonly" in args
+    assert f"src={dirs[2]},dst=/storage,type=bind" in args and dirs[2].is_dir()
+    assert f"src={dirs[3]},dst=/pretrain,type=bind,readonly" in args
+    assert args[-1] == "my/iais:1" and "/src" in args
+    res = subprocess.run(["bash", "-c", "source launch_container.sh a b"], cwd=ROOT, capture_output=True,
+                         text=True, env=env)
+    assert res.returncode == 2 and "usage" in res.stderr
