@@ -171,10 +171,14 @@ def main(opts):
                 dist.backend_name(), amp_dtype or "off")
     set_random_seed(opts.seed)
 
+    # data and weights are checked before anything is written to output_dir
+    dsets = build_datasets(opts)
+    model = build_model(opts, device)
+
     ckpt_dir, log_dir = join(opts.output_dir, "ckpt"), join(opts.output_dir, "log")
-    tb = TensorBoardLogger(log_dir if is_main else None)
     if is_main:
         os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(log_dir, exist_ok=True)
         os.makedirs(join(opts.output_dir, "results_test"), exist_ok=True)
         add_log_to_file(join(log_dir, "log.txt"))
         if not opts.resume:
@@ -182,9 +186,7 @@ def main(opts):
                 json.dump(vars(opts), f, indent=4)
             with open(join(log_dir, "model.json"), "w") as f:
                 json.dump(load_json(opts.model_config, "model config"), f, indent=4)
-
-    dsets = build_datasets(opts)
-    model = build_model(opts, device)
+    tb = TensorBoardLogger(log_dir if is_main else None)
     dist.broadcast_parameters(model)
     optimizer = build_optimizer(model, opts)
     scaler = make_scaler(device, use_scaler)

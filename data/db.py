@@ -49,12 +49,13 @@ def open_readonly(path):
                      readahead=_processes_on_this_node() == 1, max_readers=1024)
 
 
-_ENVS = {}  # (pid, real path) -> environment: LMDB allows one per file and process
+_ENVS = {}  # real path -> environment: py-lmdb allows one per file and process
 
 
 class ReadOnlyLmdb:
-    """A read transaction that is reopened in each process (DataLoader workers fork or
-    unpickle the datasets; LMDB handles must not cross a process boundary)."""
+    """A read transaction begun anew in each process. DataLoader workers either fork (the
+    lock-free read-only environment is inherited and stays valid; only transactions must
+    not cross the fork) or unpickle the dataset (the environment is opened there)."""
 
     def __init__(self, path):
         self.path = path
@@ -62,7 +63,7 @@ class ReadOnlyLmdb:
 
     def _open(self):
         self._pid = os.getpid()
-        key = (self._pid, os.path.realpath(self.path))
+        key = os.path.realpath(self.path)
         if key not in _ENVS:
             _ENVS[key] = open_readonly(self.path)
         self._txn = _ENVS[key].begin(buffers=True)

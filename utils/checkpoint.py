@@ -23,9 +23,11 @@ def atomic_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if exists(tmp):
             os.remove(tmp)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise CheckpointError(f"could not write {path} ({e}); the previous file there is intact") from None
         raise
     fd = os.open(directory, os.O_RDONLY)
     try:

@@ -13,7 +13,16 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. gradients non-finite for too long)."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError, OSError)
+
+
+def one_line(error):
+    """The message of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
 
 
 def run(main_fn, parser, config_only_keys=()):
@@ -21,7 +30,7 @@ def run(main_fn, parser, config_only_keys=()):
     try:
         main_fn(parse_with_config(parser, config_only_keys=config_only_keys))
     except USER_ERRORS as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -1,0 +1,178 @@
+"""Failure modes a user meets on the command line: each is one line, exit status 2,
+nothing already written is lost."""
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
+from helpers import BIN, PY, ROOT, run, tiny_train_config
+from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, res.stderr[-2000:]  # progress bars may precede it
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def inf(out, **flags):
+    args = {"--txt_db": TXT_DB, "--img_db": IMG_DB, "--checkpoint": os.path.join(FIXTURES, "ref_model.pt"),
+            "--model_config": TINY_CONFIG, "--output_dir": str(out), "--batch_size": "8", "--n_workers": "0"}
+    args.update(flags)
+    return run(["inf_itm.py"] + [x for kv in args.items() for x in kv])
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickled_code_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = _Payload()
+    payload.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"rank_output.weight": payload}, evil)
+    res = inf(tmp_path / "out", **{"--checkpoint": str(evil)})
+    assert_one_line_error(res, "needs pickled code", "evil.pt")
+    assert not marker.exists()
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump(payload, f)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(str(tmp_path / "evil.pkl"))
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint(tmp_path):
+    data = open(os.path.join(FIXTURES, "ref_model.pt"), "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(inf(tmp_path / "out", **{"--checkpoint": str(tmp_path / "cut.pt")}),
+                          "cut.pt is unreadable or truncated")
+
+
+def test_model_config_that_does_not_fit(tmp_path):
+    assert_one_line_error(inf(tmp_path / "out", **{"--model_config": os.path.join(ROOT, "config", "uniter-base.json")}),
+                          "uniter.embeddings.word_embeddings.weight", "(1000, 64)", "(28996, 768)")
+
+
+def test_missing_paths(tmp_path):
+    assert_one_line_error(inf(tmp_path / "out", **{"--txt_db": str(tmp_path / "nope.db")}), "nope.db not found")
+    assert_one_line_error(inf(tmp_path / "out", **{"--img_db": str(tmp_path / "noimg")}), "noimg not found")
+    assert_one_line_error(inf(tmp_path / "out", **{"--model_config": str(tmp_path / "m.json")}), "m.json")
+
+
+def test_txt_db_img_db_mismatch(tmp_path):
+    other = tmp_path / "img"
+    from data import ImgDbWriter
+    with ImgDbWriter(str(other), 0.2, 100, 10, 36) as w:
+        w.put("unrelated.npz", {"features": np.zeros((10, 2048)), "norm_bb": np.zeros((10, 6)),
+                                "conf": np.ones(10), "soft_labels": np.zeros((10, 3))})
+    assert_one_line_error(inf(tmp_path / "out", **{"--img_db": str(other)}),
+                          "12 image(s)", "are not in", "flickr30k_0000000000")
+
+
+def test_corrupt_lmdb_value_through_a_worker(tmp_path):
+    import lmdb
+    img = tmp_path / "img"
+    shutil.copytree(IMG_DB, img)
+    env = lmdb.open(str(img / "feat_th0.2_max100_min10"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(b"flickr30k_000000000007.npz", b"\xc1\xc1broken")
+    env.close()
+    res = inf(tmp_path / "out", **{"--img_db": str(img), "--n_workers": "1"})
+    assert_one_line_error(res, "corrupt value for key 'flickr30k_000000000007.npz'")
+
+
+def test_mini_batch_larger_than_the_split(tmp_path):
+    assert_one_line_error(inf(tmp_path / "out", **{"--batch_size": "100"}), "mini-batch size 100", "12 images")
+
+
+def _train(tmp_path, *extra, **config):
+    cfg = tiny_train_config(tmp_path / "c.json", **config)
+    return run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(tmp_path / "o")] + list(extra))
+
+
+def test_training_bad_input_catalogue(tmp_path):
+    assert_one_line_error(_train(tmp_path, max_txt_len=2), "no caption left after filtering by max_txt_len")
+    assert_one_line_error(_train(tmp_path, inf_minibatch_size=64), "mini-batch size 64")
+    assert_one_line_error(_train(tmp_path, "--IAIS", "both"), "--IAIS")
+    assert_one_line_error(_train(tmp_path, max_bb=500), "512 positions")
+    assert_one_line_error(_train(tmp_path, train_txt_dbs=[str(tmp_path / "x.db")]), "x.db not found")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("previous results")
+    assert_one_line_error(_train(tmp_path), "is not empty", "--resume")
+    assert (tmp_path / "o" / "keep.txt").read_text() == "previous results"
+
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "model_step_2.pt"
+    atomic_save({"w": torch.ones(3)}, str(path))
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous file there is intact"):
+        atomic_save({"w": torch.zeros(3)}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(str(path))["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["model_step_2.pt"]
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    """Features holding inf make every gradient non-finite: steps are skipped, the run
+    stops after --max_skipped_steps, and no checkpoint with non-finite weights exists."""
+    from data import ImgDbWriter
+    src = __import__("data").DetectFeatLmdb(IMG_DB, 0.2, 100, 10, 36, False)
+    bad = tmp_path / "img"
+    with ImgDbWriter(str(bad), 0.2, 100, 10, 36) as w:
+        for name in src.name2nbb:
+            arrays = src.read_arrays(name, ("features", "norm_bb", "conf", "soft_labels"), cut=False)
+            arrays = {k: np.array(a) for k, a in arrays.items()}
+            arrays["features"][:] = np.inf
+            w.put(name, arrays, src.name2nbb[name])
+    cfg = tiny_train_config(tmp_path / "c.json", train_img_dbs=[str(bad)], num_train_steps=6, valid_steps=1)
+    res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(tmp_path / "o"),
+               "--max_skipped_steps", "3"])
+    assert_one_line_error(res, "3 consecutive steps had non-finite gradients")
+    ckpts = os.listdir(tmp_path / "o" / "ckpt")
+    for name in ckpts:
+        state = load_checkpoint(str(tmp_path / "o" / "ckpt" / name))
+        if name.startswith("model_step"):
+            assert all(torch.isfinite(v).all() for v in state.values())
+    assert "model_step_1.pt" in ckpts  # skipped steps leave the weights as they were
+
+
+def test_dead_rank_stops_the_others(tmp_path):
+    cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=10000, valid_steps=10000)
+    proc = subprocess.Popen([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
+                             "train_itm_hard_negatives.py", "--config", cfg, "--output_dir",
+                             str(tmp_path / "o"), "--collective_timeout", "20"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    workers = []
+    while time.time() < deadline and len(workers) < 2:
+        time.sleep(0.5)
+        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
+        workers = [int(p) for p in out.split()]
+    assert len(workers) == 2, "workers did not start"
+    time.sleep(8)  # let both reach the training loop
+    os.kill(workers[1], signal.SIGKILL)
+    start = time.time()
+    try:
+        proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert time.time() - start < 90
