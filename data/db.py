@@ -240,9 +240,10 @@ def encode_img_dump(arrays, compress):
 
 
 def decode_img_dump(raw, compress, keys=None):
-    """An img_db value -> {name: array} (read-only arrays over the value's bytes).
+    """An img_db value -> {name: array} (read-only arrays, float16 as stored).
 
-    ``keys`` limits which arrays are materialised (compressed values decode only those)."""
+    ``keys`` limits which arrays are built (compressed values only decompress those;
+    for plain values msgpack's C decoder over the whole value is faster than skipping)."""
     if compress:
         with np.load(io.BytesIO(raw), allow_pickle=False) as npz:
             return {k: npz[k] for k in (keys or npz.files)}

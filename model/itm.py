@@ -16,7 +16,16 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         self.rank_output = nn.Linear(config.hidden_size, 1)
         self.margin = margin
         self.pairs_num = pairs_num
+        # no-grad scoring of >= 2x this many rows runs in groups of similar length (0: off)
+        self.length_buckets = 32
         self.apply(self.init_weights)
+
+    def _scores(self, batch):
+        """Raw ranking logits [n, 1] of a batch in either layout."""
+        sequence_output = self.uniter(
+            batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
+            batch["attn_masks"], batch.get("gather_index"), output_all_encoded_layers=False)
+        return self.rank_output(self.uniter.pooler(sequence_output))
 
     def init_output(self):
         """Start the ranking head from the 'match' row of the pre-trained ITM head
@@ -26,21 +35,50 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             self.rank_output.bias.copy_(self.itm_output.bias[1:])
 
     def forward(self, batch, compute_loss=True, IAIS=False):
+        if not compute_loss and not torch.is_grad_enabled() and self.length_buckets:
+            buckets = _length_buckets(batch, self.length_buckets)
+            if buckets is not None:
+                scores = torch.empty(batch["attn_masks"].size(0), 1, device=batch["attn_masks"].device)
+                for rows, sub_batch in buckets:
+                    scores[rows] = self._scores(sub_batch).to(scores.dtype)
+                return scores
+        if not compute_loss:
+            return self._scores(batch)
         if IAIS:
             sequence_output, losses = self.uniter(
                 batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
                 batch["attn_masks"], None, batch.get("txt_attn_masks"), batch.get("img_attn_masks"),
                 output_all_encoded_layers=False, IAIS=IAIS, pairs_num=self.pairs_num)
+            rank_scores = self.rank_output(self.uniter.pooler(sequence_output))
         else:
-            sequence_output = self.uniter(
-                batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
-                batch["attn_masks"], batch.get("gather_index"), output_all_encoded_layers=False)
-        rank_scores = self.rank_output(self.uniter.pooler(sequence_output))
-        if not compute_loss:
-            return rank_scores
+            rank_scores = self._scores(batch)
         scores = torch.sigmoid(rank_scores).view(-1, batch["sample_size"])
         rank_loss = torch.clamp(self.margin + scores[:, 1:] - scores[:, :1], min=0)
         return (rank_loss, losses) if IAIS else rank_loss
+
+
+def _length_buckets(batch, size):
+    """Split a one-caption-many-images batch into groups of ``size`` rows of similar
+    length, each cut to its own longest row: the padding a random set of images brings
+    (10 to 100 boxes) is mostly skipped, and masked positions change no score.
+    None when the batch is small or its captions differ in length."""
+    attn = batch["attn_masks"]
+    n, tl = attn.size(0), batch["input_ids"].size(1)
+    if n < 2 * size or batch["img_feat"].size(0) != n or not bool(attn[:, :tl].all()):
+        return None
+    lengths = attn.sum(1)
+    order = lengths.argsort()
+    out = []
+    for st in range(0, n, size):
+        rows = order[st:st + size]
+        m = int(lengths[rows].max())
+        sub = {"input_ids": batch["input_ids"].expand(n, -1)[rows], "position_ids": batch["position_ids"],
+               "img_feat": batch["img_feat"][rows, :m - tl], "img_pos_feat": batch["img_pos_feat"][rows, :m - tl],
+               "attn_masks": attn[rows, :m]}
+        if batch.get("gather_index") is not None:
+            sub["gather_index"] = batch["gather_index"][rows, :m].clamp(max=m - 1)
+        out.append((rows, sub))
+    return out
 
 
 class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):

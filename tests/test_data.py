@@ -234,3 +234,17 @@ def test_corrupt_lmdb_value_names_the_key(tmp_path):
     db = DetectFeatLmdb(str(dst), 0.2, 100, 10, 36, False)
     with pytest.raises(DataError, match="flickr30k_000000000003.npz"):
         db["flickr30k_000000000003.npz"]
+
+
+def test_decoder_equals_msgpack_numpy(img_db):
+    """Our plain-value decoder gives exactly what msgpack-numpy decodes, and builds only
+    the arrays it is asked for."""
+    from data.db import decode_img_dump
+    for name in img_db.name2nbb:
+        raw = bytes(img_db.txn.get(name.encode()))
+        ref = msgpack.loads(raw, raw=False, object_hook=msgpack_numpy.decode)
+        fast = decode_img_dump(raw, False)
+        assert fast.keys() == ref.keys()
+        for k in ref:
+            assert fast[k].dtype == ref[k].dtype and np.array_equal(fast[k], ref[k])
+        assert list(decode_img_dump(raw, False, ("features",))) == ["features"]
