@@ -4,7 +4,8 @@ Every image holds three objects on a 3x3 grid plus background regions; region fe
 are noisy object prototypes (2048-d, float16), boxes give the positions. Images come in
 twins with the same objects in other places, and captions name two objects and their
 spatial relation ("a dog left of a ball"), so telling twins apart needs the relation, not
-only the objects.
+only the objects. annotations/isda_{split}.json holds each caption's phrase-to-box
+alignments (the nouns and their regions) for scripts/isd.py --annotations.
 
     python scripts/make_demo_data.py --output demo        # ~20 s on 2 cores
 """
@@ -71,8 +72,10 @@ class World:
         n = len(feats)
         order = rng.permutation(n)  # objects are not always the first regions
         conf = np.concatenate([rng.uniform(0.7, 1.0, len(objects)), rng.uniform(0.25, 0.6, n - len(objects))])
-        return {"features": np.stack(feats)[order], "norm_bb": np.array(boxes)[order],
-                "conf": conf[order], "soft_labels": rng.random((n, 1601)) / 1601}
+        arrays = {"features": np.stack(feats)[order], "norm_bb": np.array(boxes)[order],
+                  "conf": conf[order], "soft_labels": rng.random((n, 1601)) / 1601}
+        where = np.argsort(order)  # region index of each object
+        return arrays, [int(where[k]) for k in range(len(objects))]
 
     def twins(self):
         """Two images with the same three objects in different places, and their captions."""
@@ -85,9 +88,14 @@ class World:
             centres = [GRID[c] for c in layout]
             pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
             chosen = rng.choice(len(pairs), 5, replace=False)
-            caps = [caption(objects[a], objects[b], relation(centres[a], centres[b]))
-                    for a, b in (pairs[k] for k in chosen)]
-            out.append((self.image(objects, layout), caps))
+            arrays, regions = self.image(objects, layout)
+            caps, alignments = [], []
+            for a, b in (pairs[k] for k in chosen):
+                words = caption(objects[a], objects[b], relation(centres[a], centres[b]))
+                caps.append(words)
+                # phrase-to-box alignments: the two nouns and their regions
+                alignments.append([[[1], [regions[a]]], [[len(words) - 1], [regions[b]]]])
+            out.append((arrays, caps, alignments))
         return out
 
     def _relayout(self, cells):
@@ -108,20 +116,24 @@ def build(output, n_train, n_val, n_test, seed, conf_th=0.2, max_bb=100, min_bb=
     world = World(seed)
     img_writer = ImgDbWriter(join(output, "img_db", "demo"), conf_th, max_bb, min_bb, compress=False)
     n_img = 0
+    os.makedirs(join(output, "annotations"), exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        examples = {}
+        examples, annotations = {}, {}
         for _ in range((n + 1) // 2):
-            for arrays, caps in world.twins():
+            for arrays, caps, alignments in world.twins():
                 if n_img >= sum((n_train, n_val, n_test)[:("train", "val", "test").index(split) + 1]):
                     break
                 fname = f"demo_{n_img:012d}.npz"
                 img_writer.put(fname, arrays)
-                for k, words in enumerate(caps):
-                    examples[f"{split}_{fname[:-4]}_{k}"] = {
-                        "input_ids": [VOCAB[w] for w in words], "img_fname": fname,
-                        "raw": " ".join(words), "id": f"{split}_{fname[:-4]}_{k}"}
+                for k, (words, align) in enumerate(zip(caps, alignments)):
+                    txt_id = f"{split}_{fname[:-4]}_{k}"
+                    examples[txt_id] = {"input_ids": [VOCAB[w] for w in words], "img_fname": fname,
+                                        "raw": " ".join(words), "id": txt_id}
+                    annotations[txt_id] = align
                 n_img += 1
         write_txt_db(join(output, "txt_db", f"itm_demo_{split}.db"), examples, META)
+        with open(join(output, "annotations", f"isda_{split}.json"), "w") as f:
+            json.dump(annotations, f)
     img_writer.close()
     with open(join(output, "vocab.json"), "w") as f:
         json.dump(VOCAB, f, indent=0)

@@ -130,3 +130,28 @@ def test_release_configs_key_and_shape_lists(name, layers, hidden, inter):
     assert shapes["uniter.img_embeddings.mask_embedding.weight"] == (2, 2048)
     assert shapes["uniter.encoder.layer.0.intermediate.dense.weight"] == (inter, hidden)
     assert shapes["itm_output.weight"] == (2, hidden) and shapes["rank_output.weight"] == (1, hidden)
+
+
+def test_length_bucketed_scoring_gives_the_one_pass_scores(ref_model_state):
+    """Large no-grad batches are scored in groups of similar length: same scores."""
+    model = tiny_hardneg(ref_model_state, True).eval()
+    g = torch.Generator().manual_seed(0)
+    n, tl = 80, 6
+    nbbs = torch.randint(10, 40, (n,), generator=g).tolist()
+    from data.batch import compact_attn_masks, get_gather_index
+    attn = compact_attn_masks([tl] * n, nbbs)
+    feat = torch.zeros(n, max(nbbs), 2048)
+    pos = torch.zeros(n, max(nbbs), 7)
+    for i, k in enumerate(nbbs):
+        feat[i, :k] = torch.randn(k, 2048, generator=g)
+        pos[i, :k] = torch.rand(k, 7, generator=g)
+    batch = {"input_ids": torch.randint(106, 1000, (1, tl), generator=g), "position_ids": torch.arange(tl)[None],
+             "img_feat": feat, "img_pos_feat": pos, "attn_masks": attn,
+             "gather_index": get_gather_index([tl] * n, nbbs, n, tl, attn.size(1))}
+    from model.itm import _length_buckets
+    assert len(_length_buckets({**batch, "input_ids": batch["input_ids"].expand(n, -1)}, 32)) == 3
+    with torch.no_grad():
+        bucketed = model(batch, "t", compute_loss=False)
+        model.length_buckets = 0
+        one_pass = model(batch, "t", compute_loss=False)
+    torch.testing.assert_close(bucketed, one_pass, rtol=0, atol=1e-5)

@@ -1,0 +1,124 @@
+"""Intra-modal Self-attention Distance of a checkpoint on the matched pairs of a split.
+
+    python scripts/isd.py --txt_db demo/txt_db/itm_demo_test.db --img_db demo/img_db/demo \\
+        --checkpoint demo/output/ckpt/model_step_400.pt --model_config config/uniter-demo.json \\
+        --output demo/isd [--annotations phrases.json] [--max_pairs 500]
+
+Writes OUTPUT/isd.json (per layer and variant, averaged over heads and pairs; 'mean' over
+layers) and OUTPUT/isd.png (one line per variant against the layer). With --annotations,
+also ISDa: a JSON object {text_id: [[[word indices], [box indices]], ...]} of
+phrase-to-box alignments in the style of Flickr30k Entities; word indices count the
+caption's WordPiece tokens from 0 (no [CLS]), box indices the image's regions in img_db
+order (see scripts/examples/isda_annotations.json).
+"""
+import argparse
+import json
+import os
+import sys
+from os.path import abspath, dirname, join
+
+import torch
+
+sys.path.insert(0, dirname(dirname(abspath(__file__))))
+from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTokLmdb  # noqa: E402
+from data.batch import padded_layout_masks  # noqa: E402
+from model import IMG_DIM, UniterForImageTextRetrieval  # noqa: E402
+from model.iais import VARIANTS  # noqa: E402
+from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from utils.isd import annotated_isd, layer_attention_blocks, pair_isd  # noqa: E402
+
+
+def pair_batch(dataset, i):
+    """Caption i with its own image, in the padded layout with all-row masks."""
+    txt_id = dataset.ids[i]
+    input_ids = dataset.txt_db.combine_inputs(dataset.txt_db[txt_id]["input_ids"])[None]
+    feat, pos, nbb = dataset._get_img_feat(dataset.txt2img[txt_id])
+    tl = input_ids.size(1)
+    attn, words, boxes = padded_layout_masks([tl], [nbb])
+    return txt_id, {"input_ids": input_ids, "position_ids": torch.arange(tl)[None], "img_feat": feat[None],
+                    "img_pos_feat": pos[None], "attn_masks": attn, "txt_attn_masks": words,
+                    "img_attn_masks": boxes}, tl - 2, nbb
+
+
+def load_model(checkpoint, model_config):
+    state = load_checkpoint(checkpoint)
+    model = UniterForImageTextRetrieval.from_pretrained(model_config, state, img_dim=IMG_DIM, pairs_num=1)
+    return model.eval()
+
+
+def plot(isd, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = sorted(int(k.split("_")[1]) for k in isd if k.startswith("layer_"))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v in VARIANTS + (("ISDa",) if "ISDa" in isd[f"layer_{layers[0]}"] else ()):
+        ax.plot(layers, [isd[f"layer_{k}"][v] for k in layers], marker="o", label=v)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("ISD (symmetric KL)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--txt_db", required=True)
+    p.add_argument("--img_db", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--model_config", required=True)
+    p.add_argument("--output", required=True, help="folder for isd.json and isd.png")
+    p.add_argument("--annotations", default=None, help="phrase-to-box alignments (JSON) for ISDa")
+    p.add_argument("--max_pairs", type=int, default=1000, help="matched pairs to average over")
+    p.add_argument("--conf_th", type=float, default=0.2)
+    p.add_argument("--max_bb", type=int, default=100)
+    p.add_argument("--min_bb", type=int, default=10)
+    p.add_argument("--num_bb", type=int, default=36)
+    p.add_argument("--compressed_db", action="store_true")
+    opts = p.parse_args()
+    try:
+        txt_db = TxtTokLmdb(opts.txt_db, -1)
+        img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
+                                opts.compressed_db)
+        dataset = ItmRankDatasetHardNegFromText(txt_db, img_db, 1)
+        model = load_model(opts.checkpoint, opts.model_config)
+        annotations = {}
+        if opts.annotations:
+            with open(opts.annotations) as f:
+                annotations = json.load(f)
+    except (DataError, CheckpointError, OSError, ValueError) as e:
+        sys.exit(f"isd.py: error: {e}")
+
+    n_layers = model.config.num_hidden_layers
+    sums = [{v: 0.0 for v in VARIANTS} for _ in range(n_layers)]
+    isda = [[] for _ in range(n_layers)]
+    n_pairs = min(opts.max_pairs, len(dataset))
+    for i in range(n_pairs):
+        txt_id, batch, n_words, n_boxes = pair_batch(dataset, i)
+        for layer, blocks in enumerate(layer_attention_blocks(model, batch)):
+            for v, d in pair_isd(blocks, 0, n_words, n_boxes).items():
+                sums[layer][v] += d
+            if txt_id in annotations:
+                d = annotated_isd(blocks[0][0, :n_words, :n_words], blocks[1][0, :n_boxes, :n_boxes],
+                                  annotations[txt_id])
+                if d is not None:
+                    isda[layer].append(d)
+    result = {"pairs": n_pairs, "checkpoint": opts.checkpoint}
+    for layer in range(n_layers):
+        entry = {v: s / n_pairs for v, s in sums[layer].items()}
+        if isda[layer]:
+            entry["ISDa"] = sum(isda[layer]) / len(isda[layer])
+            entry["ISDa_pairs"] = len(isda[layer])
+        result[f"layer_{layer}"] = entry
+    result["mean"] = {v: sum(result[f"layer_{k}"][v] for k in range(n_layers)) / n_layers for v in VARIANTS}
+    os.makedirs(opts.output, exist_ok=True)
+    with open(join(opts.output, "isd.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, join(opts.output, "isd.png"), os.path.basename(opts.checkpoint))
+    print(json.dumps(result["mean"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Heatmaps of the attention IAIS aligns, for one image-text pair.
+
+    python scripts/visualize_attention.py --txt_db demo/txt_db/itm_demo_test.db \\
+        --img_db demo/img_db/demo --checkpoint demo/output/ckpt/model_step_400.pt \\
+        --model_config config/uniter-demo.json --txt_id test_demo_000000001100_0 \\
+        --output demo/attention.png [--layer -1] [--vocab demo/vocab.json]
+
+Four panels of the chosen layer (head-averaged): the textual self-attention, the visual
+self-attention, and the pseudo textual attention of singular and distributed alignment
+(the visual attention mapped onto the words). Axes are labelled with the caption's tokens
+(words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
+"""
+import argparse
+import json
+import sys
+from os.path import abspath, dirname
+
+import torch
+
+sys.path.insert(0, dirname(dirname(abspath(__file__))))
+from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTokLmdb  # noqa: E402
+from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.isd import layer_attention_blocks  # noqa: E402
+
+sys.path.insert(0, dirname(abspath(__file__)))
+from isd import load_model, pair_batch  # noqa: E402
+
+
+def token_names(ids, vocab_path):
+    if not vocab_path:
+        return [str(i) for i in ids]
+    if vocab_path.endswith(".json"):
+        with open(vocab_path) as f:
+            inverse = {v: k for k, v in json.load(f).items()}
+    else:
+        with open(vocab_path, encoding="utf-8") as f:
+            inverse = dict(enumerate(line.rstrip("\n") for line in f))
+    return [inverse.get(i, str(i)) for i in ids]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for flag in ("--txt_db", "--img_db", "--checkpoint", "--model_config", "--txt_id", "--output"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--layer", type=int, default=-1, help="layer to show (default: the last, where IAIS acts)")
+    p.add_argument("--vocab", default=None, help="vocabulary to print tokens as words")
+    p.add_argument("--conf_th", type=float, default=0.2)
+    p.add_argument("--max_bb", type=int, default=100)
+    p.add_argument("--min_bb", type=int, default=10)
+    p.add_argument("--num_bb", type=int, default=36)
+    p.add_argument("--compressed_db", action="store_true")
+    opts = p.parse_args()
+    try:
+        txt_db = TxtTokLmdb(opts.txt_db, -1)
+        img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
+                                opts.compressed_db)
+        dataset = ItmRankDatasetHardNegFromText(txt_db, img_db, 1)
+        if opts.txt_id not in dataset.ids:
+            raise DataError(f"--txt_id {opts.txt_id} is not a text id of {opts.txt_db}")
+        model = load_model(opts.checkpoint, opts.model_config)
+    except (DataError, CheckpointError, OSError, ValueError) as e:
+        sys.exit(f"visualize_attention.py: error: {e}")
+
+    _, batch, n_words, n_boxes = pair_batch(dataset, dataset.ids.index(opts.txt_id))
+    txt, img, t2i, i2t = (b[0] for b in layer_attention_blocks(model, batch)[opts.layer])
+    txt, img = txt[:n_words, :n_words], img[:n_boxes, :n_boxes]
+    idx = t2i[:n_words].argmax(-1)
+    singular = torch.softmax(img[idx][:, idx], dim=-1)
+    distributed = t2i[:n_words, :n_boxes] @ i2t[:n_boxes, :n_words]
+    words = token_names(txt_db[opts.txt_id]["input_ids"], opts.vocab)
+    boxes = [str(k) for k in range(n_boxes)]
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [("textual self-attention", txt, words), ("visual self-attention", img, boxes),
+              ("pseudo textual (singular)", singular, words), ("pseudo textual (distributed)", distributed, words)]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5.5))
+    for ax, (title, m, labels) in zip(axes, panels):
+        im = ax.imshow(m.numpy(), cmap="viridis")
+        ax.set_title(title)
+        ax.set_xticks(range(len(labels)), labels, rotation=90)
+        ax.set_yticks(range(len(labels)), labels)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{opts.txt_id}: {' '.join(words)} (layer {opts.layer % model.config.num_hidden_layers})")
+    fig.tight_layout()
+    fig.savefig(opts.output, dpi=90)
+    print(f"wrote {opts.output}")
+
+
+if __name__ == "__main__":
+    main()
