@@ -21,7 +21,7 @@ from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import run
-from utils.config import ConfigError, load_json, make_parser
+from utils.config import ConfigError, add_box_args, load_json, make_parser
 from utils.itm_eval import format_recall_table, gather_scores, itm_eval
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
@@ -36,11 +36,7 @@ def build_parser():
     a("--model_config", type=str, default=None, help="model config JSON (e.g. config/uniter-base.json)")
     a("--output_dir", type=str, default=None, help="where scores.json and score_matrix.pt go")
     a("--train_config", type=str, default=None, help="hps.json of training: take its box settings")
-    a("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
-    a("--conf_th", type=float, default=0.2, help="box confidence threshold (-1: fixed num_bb)")
-    a("--max_bb", type=int, default=100, help="max boxes per image")
-    a("--min_bb", type=int, default=10, help="min boxes per image")
-    a("--num_bb", type=int, default=36, help="boxes per image when conf_th is -1")
+    add_box_args(p)
     a("--batch_size", type=int, default=400, help="images per forward pass")
     a("--fp16", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype")

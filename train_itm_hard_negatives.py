@@ -26,7 +26,7 @@ from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
 from utils.checkpoint import latest_training_state, load_checkpoint, save_model, save_training_state
 from utils.cli import TrainingError, run
-from utils.config import ConfigError, load_json, make_parser
+from utils.config import ConfigError, add_box_args, load_json, make_parser
 from utils.itm_eval import evaluate, format_recall_table, validate
 from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
 from utils.misc import rng_state, set_dropout, set_random_seed, set_rng_state
@@ -40,14 +40,10 @@ CONFIG_ONLY_KEYS = ("train_txt_dbs", "train_img_dbs", "val_txt_db", "val_img_db"
 def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
-    a("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
+    add_box_args(p)
     a("--checkpoint", type=str, default=None, help="initial weights (pre-trained UNITER .pt)")
     a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go")
     a("--max_txt_len", type=int, default=60, help="drop training captions longer than this")
-    a("--conf_th", type=float, default=0.2, help="box confidence threshold (-1: fixed num_bb)")
-    a("--max_bb", type=int, default=100, help="max boxes per image")
-    a("--min_bb", type=int, default=10, help="min boxes per image")
-    a("--num_bb", type=int, default=36, help="boxes per image when conf_th is -1")
     a("--train_batch_size", type=int, default=32, help="positives per optimizer step (gradient accumulation)")
     a("--negative_size", type=int, default=511, help="negatives scored per positive (no gradient)")
     a("--hard_neg_size", type=int, default=31, help="hardest negatives trained on per positive")

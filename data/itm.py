@@ -98,8 +98,9 @@ def _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, nu
             "img_pos_feat": img_pos_feat, "attn_masks": attn_masks, "gather_index": gather_index}
 
 
-class ItmRankDatasetHardNegFromText(DetectFeatTxtTokDataset):
-    """One caption against its image and ``neg_sample_size`` random other images."""
+class _HardNegDataset(DetectFeatTxtTokDataset):
+    """A positive pair and ``neg_sample_size`` negatives per item; ``IAIS`` (truthy) gives
+    the padded layout with the position masks the alignment loss needs."""
 
     def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False):
         if neg_sample_size <= 0:
@@ -108,9 +109,16 @@ class ItmRankDatasetHardNegFromText(DetectFeatTxtTokDataset):
         txt2img = txt_db.txt2img
         self.txt2img = {id_: txt2img[id_] for id_ in self.ids}
         self.img2txts = txt_db.img2txts
-        self.img_name_list = list(self.img2txts)
         self.neg_sample_size = neg_sample_size
         self.IAIS = IAIS
+
+
+class ItmRankDatasetHardNegFromText(_HardNegDataset):
+    """One caption against its image and ``neg_sample_size`` random other images."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.img_name_list = list(self.img2txts)
 
     def __getitem__(self, i):
         txt_id = self.ids[i]
@@ -126,19 +134,12 @@ class ItmRankDatasetHardNegFromText(DetectFeatTxtTokDataset):
         return _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
 
 
-class ItmRankDatasetHardNegFromImage(DetectFeatTxtTokDataset):
+class ItmRankDatasetHardNegFromImage(_HardNegDataset):
     """One image against its caption and ``neg_sample_size`` captions of other images."""
 
-    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False):
-        if neg_sample_size <= 0:
-            raise ValueError("neg_sample_size must be at least 1")
-        super().__init__(txt_db, img_db)
-        txt2img = txt_db.txt2img
-        self.txt2img = {id_: txt2img[id_] for id_ in self.ids}
-        self.img2txts = txt_db.img2txts
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.txt_name_list = list(self.txt2img)
-        self.neg_sample_size = neg_sample_size
-        self.IAIS = IAIS
 
     def __getitem__(self, i):
         txt_id = self.ids[i]

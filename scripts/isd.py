@@ -25,6 +25,7 @@ from data.batch import padded_layout_masks  # noqa: E402
 from model import IMG_DIM, UniterForImageTextRetrieval  # noqa: E402
 from model.iais import VARIANTS  # noqa: E402
 from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from utils.config import add_box_args  # noqa: E402
 from utils.isd import annotated_isd, layer_attention_blocks, pair_isd  # noqa: E402
 
 
@@ -40,10 +41,20 @@ def pair_batch(dataset, i):
                     "img_attn_masks": boxes}, tl - 2, nbb
 
 
-def load_model(checkpoint, model_config):
-    state = load_checkpoint(checkpoint)
-    model = UniterForImageTextRetrieval.from_pretrained(model_config, state, img_dim=IMG_DIM, pairs_num=1)
-    return model.eval()
+def add_split_args(parser):
+    """Flags naming a split and a model (shared with visualize_attention.py)."""
+    for flag in ("--txt_db", "--img_db", "--checkpoint", "--model_config"):
+        parser.add_argument(flag, required=True)
+    add_box_args(parser)
+
+
+def open_split(opts):
+    """(matched-pair dataset, model in eval mode) from the add_split_args flags."""
+    txt_db = TxtTokLmdb(opts.txt_db, -1)
+    img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
+    state = load_checkpoint(opts.checkpoint)
+    model = UniterForImageTextRetrieval.from_pretrained(opts.model_config, state, img_dim=IMG_DIM, pairs_num=1)
+    return ItmRankDatasetHardNegFromText(txt_db, img_db, 1), model.eval()
 
 
 def plot(isd, path, title):
@@ -65,25 +76,13 @@ def plot(isd, path, title):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--txt_db", required=True)
-    p.add_argument("--img_db", required=True)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model_config", required=True)
+    add_split_args(p)
     p.add_argument("--output", required=True, help="folder for isd.json and isd.png")
     p.add_argument("--annotations", default=None, help="phrase-to-box alignments (JSON) for ISDa")
     p.add_argument("--max_pairs", type=int, default=1000, help="matched pairs to average over")
-    p.add_argument("--conf_th", type=float, default=0.2)
-    p.add_argument("--max_bb", type=int, default=100)
-    p.add_argument("--min_bb", type=int, default=10)
-    p.add_argument("--num_bb", type=int, default=36)
-    p.add_argument("--compressed_db", action="store_true")
     opts = p.parse_args()
     try:
-        txt_db = TxtTokLmdb(opts.txt_db, -1)
-        img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
-                                opts.compressed_db)
-        dataset = ItmRankDatasetHardNegFromText(txt_db, img_db, 1)
-        model = load_model(opts.checkpoint, opts.model_config)
+        dataset, model = open_split(opts)
         annotations = {}
         if opts.annotations:
             with open(opts.annotations) as f:

@@ -18,12 +18,12 @@ from os.path import abspath, dirname
 import torch
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTokLmdb  # noqa: E402
+from data import DataError  # noqa: E402
 from utils.checkpoint import CheckpointError  # noqa: E402
 from utils.isd import layer_attention_blocks  # noqa: E402
 
 sys.path.insert(0, dirname(abspath(__file__)))
-from isd import load_model, pair_batch  # noqa: E402
+from isd import add_split_args, open_split, pair_batch  # noqa: E402
 
 
 def token_names(ids, vocab_path):
@@ -40,24 +40,16 @@ def token_names(ids, vocab_path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for flag in ("--txt_db", "--img_db", "--checkpoint", "--model_config", "--txt_id", "--output"):
-        p.add_argument(flag, required=True)
+    add_split_args(p)
+    p.add_argument("--txt_id", required=True, help="text id of the pair (its image is the matched one)")
+    p.add_argument("--output", required=True, help="PNG file")
     p.add_argument("--layer", type=int, default=-1, help="layer to show (default: the last, where IAIS acts)")
     p.add_argument("--vocab", default=None, help="vocabulary to print tokens as words")
-    p.add_argument("--conf_th", type=float, default=0.2)
-    p.add_argument("--max_bb", type=int, default=100)
-    p.add_argument("--min_bb", type=int, default=10)
-    p.add_argument("--num_bb", type=int, default=36)
-    p.add_argument("--compressed_db", action="store_true")
     opts = p.parse_args()
     try:
-        txt_db = TxtTokLmdb(opts.txt_db, -1)
-        img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
-                                opts.compressed_db)
-        dataset = ItmRankDatasetHardNegFromText(txt_db, img_db, 1)
+        dataset, model = open_split(opts)
         if opts.txt_id not in dataset.ids:
             raise DataError(f"--txt_id {opts.txt_id} is not a text id of {opts.txt_db}")
-        model = load_model(opts.checkpoint, opts.model_config)
     except (DataError, CheckpointError, OSError, ValueError) as e:
         sys.exit(f"visualize_attention.py: error: {e}")
 
@@ -67,7 +59,7 @@ def main():
     idx = t2i[:n_words].argmax(-1)
     singular = torch.softmax(img[idx][:, idx], dim=-1)
     distributed = t2i[:n_words, :n_boxes] @ i2t[:n_boxes, :n_words]
-    words = token_names(txt_db[opts.txt_id]["input_ids"], opts.vocab)
+    words = token_names(dataset.txt_db[opts.txt_id]["input_ids"], opts.vocab)
     boxes = [str(k) for k in range(n_boxes)]
 
     import matplotlib

@@ -106,3 +106,13 @@ def parse_with_config(parser, argv=None, config_only_keys=()):
                 raise ConfigError(f"{args.config}: unknown key {key!r}"
                                   f"{_closest(key, list(known) + list(config_only_keys))}")
     return args
+
+
+def add_box_args(parser):
+    """The img_db box-selection flags shared by every command that opens an img_db."""
+    a = parser.add_argument
+    a("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
+    a("--conf_th", type=float, default=0.2, help="box confidence threshold (-1: fixed num_bb)")
+    a("--max_bb", type=int, default=100, help="max boxes per image")
+    a("--min_bb", type=int, default=10, help="min boxes per image")
+    a("--num_bb", type=int, default=36, help="boxes per image when conf_th is -1")
