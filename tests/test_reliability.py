@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import BIN, PY, ROOT, run, tiny_train_config
+from helpers import BIN, PY, ROOT, horovod_available, run, tiny_train_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 
@@ -153,20 +153,35 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert "model_step_1.pt" in ckpts  # skipped steps leave the weights as they were
 
 
-def test_dead_rank_stops_the_others(tmp_path):
+def _workers(launcher_pid, marker):
+    """PIDs of the Python training processes (not the launcher, not wrapping shells)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = []
+    for line in out.splitlines():
+        pid, _, args = line.strip().partition(" ")
+        if int(pid) != launcher_pid and args.startswith(PY) and "train_itm_hard_negatives.py" in args \
+                and marker in args:
+            pids.append(int(pid))
+    return pids
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "horovodrun"])
+def test_dead_rank_stops_the_others(tmp_path, launcher):
+    if launcher == "horovodrun" and not horovod_available():
+        pytest.skip("horovod is not installed (make test installs it)")
     cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=10000, valid_steps=10000)
-    proc = subprocess.Popen([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2",
-                             "train_itm_hard_negatives.py", "--config", cfg, "--output_dir",
-                             str(tmp_path / "o"), "--collective_timeout", "20"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = str(tmp_path / "o")
+    train = ["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", out, "--collective_timeout", "20"]
+    cmd = ([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2"] if launcher == "torchrun"
+           else [os.path.join(BIN, "horovodrun"), "-np", "2", "--gloo", PY]) + train
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     workers = []
-    while time.time() < deadline and len(workers) < 2:
+    while time.time() < deadline and not (len(workers) == 2 and os.path.exists(os.path.join(out, "log", "log.txt"))):
         time.sleep(0.5)
-        out = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout
-        workers = [int(p) for p in out.split()]
-    assert len(workers) == 2, "workers did not start"
-    time.sleep(8)  # let both reach the training loop
+        workers = _workers(proc.pid, out)
+    assert len(workers) == 2, f"workers did not start: {workers}"
+    time.sleep(3)  # both are in the training loop
     os.kill(workers[1], signal.SIGKILL)
     start = time.time()
     try:
@@ -176,3 +191,4 @@ def test_dead_rank_stops_the_others(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     assert time.time() - start < 90
+    assert not [p for p in _workers(proc.pid, out) if p != workers[1]], "a rank outlived the run"

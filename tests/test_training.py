@@ -165,3 +165,14 @@ def test_paper_configs_parse_unchanged():
         opts = parse_with_config(build_parser(), ["--config", path], CONFIG_ONLY_KEYS)
         check_options(opts)
         assert opts.negative_size == 399 and opts.hard_neg_size == 31 and opts.optim == "adamw"
+
+
+@pytest.mark.parametrize("flags,notice", [(["--fp16"], "using bfloat16 autocast"), (["--amp_dtype", "bf16"], "bfloat16")])
+def test_mixed_precision_on_cpu(tmp_path, flags, notice):
+    cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=2, valid_steps=2)
+    out = tmp_path / "out"
+    res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(out), "--IAIS", "singular"] + flags)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert notice in res.stderr
+    assert all(torch.isfinite(v).all() for v in load(out / "ckpt" / "model_step_2.pt").values())
+    assert all(0 <= v < 10 for v in scalars(out, "loss_step"))

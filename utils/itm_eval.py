@@ -1,13 +1,11 @@
 """Image-text retrieval evaluation: score matrices, R@1/5/10 and the quick validation."""
-import logging
 from time import time
 
 import torch
 from tqdm import tqdm
 
 from .distributed import all_gather_object, all_gather_rows, is_main_process
-
-LOGGER = logging.getLogger("iais")
+from .logger import LOGGER
 
 
 @torch.no_grad()
@@ -52,7 +50,8 @@ def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts, original_countin
 
 @torch.no_grad()
 def inference(model, eval_loader, IAIS=False):
-    """Scores of this process's texts against every image: [n_txt, n_img] float32."""
+    """Scores of this process's texts against every image: [n_txt, n_img] float32.
+    (``IAIS`` is accepted for the original's signature; the batch layout decides.)"""
     was_training = model.training
     model.eval()
     dset = eval_loader.dataset
