@@ -248,3 +248,39 @@ def test_decoder_equals_msgpack_numpy(img_db):
         for k in ref:
             assert fast[k].dtype == ref[k].dtype and np.array_equal(fast[k], ref[k])
         assert list(decode_img_dump(raw, False, ("features",))) == ["features"]
+
+
+def test_token_bucket_sampler_budget_and_coverage():
+    from data import TokenBucketSampler
+    random.seed(0)
+    lens = [random.randint(5, 60) for _ in range(200)]
+    batches = list(TokenBucketSampler(lens, bucket_size=64, batch_size=400, size_multiple=4))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    for b in batches:
+        assert max(lens[i] for i in b) * len(b) <= 400 or len(b) <= 4
+
+
+def test_prefetch_loader_passes_batches_through_on_cpu(txt_db, img_db):
+    from torch.utils.data import DataLoader
+    from data import PrefetchLoader, itm_eval_collate
+    ds = ItmEvalDataset(txt_db, img_db, 8)
+    loader = PrefetchLoader(DataLoader(ds, batch_size=1, collate_fn=itm_eval_collate), "cpu")
+    assert len(loader) == len(ds) and loader.dataset is ds
+    first = next(iter(loader))
+    assert torch.equal(first[0]["img_feat"], ds[0][0]["img_feat"])
+
+
+def test_resumable_stream_continues_where_it_stopped(txt_db, img_db):
+    """The position saved mid-epoch gives the same following batches, negatives included."""
+    from data import ResumableStream, itm_rank_hn_collate
+    ds = ItmRankDatasetHardNegFromText(txt_db, img_db, 3)
+    a = ResumableStream(ds, itm_rank_hn_collate, seed=5)
+    for _ in range(70):  # crosses the epoch boundary (60 captions)
+        next(a)
+    state = a.state_dict()
+    expected = [next(a)["img_feat"] for _ in range(5)]
+    b = ResumableStream(ds, itm_rank_hn_collate, seed=5)
+    b.load_state_dict(state)
+    assert state == {"epoch": 1, "pos": 10}
+    for e in expected:
+        assert torch.equal(next(b)["img_feat"], e)

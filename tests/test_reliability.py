@@ -153,16 +153,26 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert "model_step_1.pt" in ckpts  # skipped steps leave the weights as they were
 
 
-def _workers(launcher_pid, marker):
-    """PIDs of the Python training processes (not the launcher, not wrapping shells)."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    pids = []
-    for line in out.splitlines():
-        pid, _, args = line.strip().partition(" ")
-        if int(pid) != launcher_pid and args.startswith(PY) and "train_itm_hard_negatives.py" in args \
-                and marker in args:
-            pids.append(int(pid))
-    return pids
+def _descendants(pid):
+    """(pid, args) of every process below ``pid``."""
+    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    children = {}
+    for line in rows.splitlines():
+        fields = line.split(None, 2)
+        if len(fields) == 3:
+            children.setdefault(int(fields[1]), []).append((int(fields[0]), fields[2]))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child[0])
+    return out
+
+
+def _workers(launcher_pid):
+    """The Python training processes a launcher started (not wrapping shells)."""
+    return [pid for pid, args in _descendants(launcher_pid)
+            if "train_itm_hard_negatives.py" in args and not args.startswith("/bin/sh")]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "horovodrun"])
@@ -177,18 +187,26 @@ def test_dead_rank_stops_the_others(tmp_path, launcher):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     workers = []
-    while time.time() < deadline and not (len(workers) == 2 and os.path.exists(os.path.join(out, "log", "log.txt"))):
-        time.sleep(0.5)
-        workers = _workers(proc.pid, out)
-    assert len(workers) == 2, f"workers did not start: {workers}"
-    time.sleep(3)  # both are in the training loop
-    os.kill(workers[1], signal.SIGKILL)
-    start = time.time()
     try:
+        while time.time() < deadline and not (len(workers) == 2 and os.path.exists(os.path.join(out, "log", "log.txt"))):
+            time.sleep(0.5)
+            workers = _workers(proc.pid)
+        assert len(workers) == 2, f"workers did not start: {workers}"
+        time.sleep(3)  # both are in the training loop
+        os.kill(workers[1], signal.SIGKILL)
+        start = time.time()
         proc.wait(timeout=90)
+        assert proc.returncode != 0
+        assert time.time() - start < 90
+        time.sleep(1)
+        survivors = [p for p in workers if subprocess.run(["kill", "-0", str(p)], capture_output=True).returncode == 0
+                     and "train_itm" in open(f"/proc/{p}/cmdline").read()]
+        assert not survivors, f"ranks outlived the run: {survivors}"
     finally:
+        for pid, _ in _descendants(proc.pid) + [(p, "") for p in workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode != 0
-    assert time.time() - start < 90
-    assert not [p for p in _workers(proc.pid, out) if p != workers[1]], "a rank outlived the run"
