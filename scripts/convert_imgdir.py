@@ -10,7 +10,6 @@ nbb; arrays are stored as float16, cut to the boxes the setting keeps (all of th
 import argparse
 import glob
 import multiprocessing as mp
-import os
 import sys
 from functools import partial
 from os.path import abspath, basename, dirname, isdir, join

@@ -5,11 +5,10 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
 
 from conftest import ROOT
 from data import DetectFeatLmdb, TxtTokLmdb
-from helpers import PY, run
+from helpers import run
 
 
 def _npz(path, n, nbb, seed):
