@@ -43,3 +43,14 @@ def have(tool):
 
 def horovod_available():
     return subprocess.run([PY, "-c", "import horovod.torch"], capture_output=True).returncode == 0
+
+
+def img_db_with_corrupt_value(dst, key):
+    """A copy of the fixture img_db whose value for ``key`` is not valid msgpack."""
+    import lmdb
+    shutil.copytree(IMG_DB, dst)
+    env = lmdb.open(os.path.join(str(dst), "feat_th0.2_max100_min10"), map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(key.encode(), b"\xc1\xc1broken")
+    env.close()
+    return str(dst)

@@ -6,7 +6,6 @@ import random
 import shutil
 import stat
 
-import lmdb
 import msgpack
 import msgpack_numpy
 import numpy as np
@@ -225,13 +224,9 @@ def test_captions_without_image_are_reported(tmp_path, img_db):
 
 
 def test_corrupt_lmdb_value_names_the_key(tmp_path):
-    dst = tmp_path / "img"
-    shutil.copytree(IMG_DB, dst)
-    env = lmdb.open(str(dst / "feat_th0.2_max100_min10"), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        txn.put(b"flickr30k_000000000003.npz", b"\xc1garbage")
-    env.close()
-    db = DetectFeatLmdb(str(dst), 0.2, 100, 10, 36, False)
+    from helpers import img_db_with_corrupt_value
+    db = DetectFeatLmdb(img_db_with_corrupt_value(tmp_path / "img", "flickr30k_000000000003.npz"),
+                        0.2, 100, 10, 36, False)
     with pytest.raises(DataError, match="flickr30k_000000000003.npz"):
         db["flickr30k_000000000003.npz"]
 

@@ -2,7 +2,6 @@
 nothing already written is lost."""
 import os
 import pickle
-import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import BIN, PY, ROOT, horovod_available, run, tiny_train_config
+from helpers import BIN, PY, ROOT, horovod_available, img_db_with_corrupt_value, run, tiny_train_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 
@@ -82,14 +81,8 @@ def test_txt_db_img_db_mismatch(tmp_path):
 
 
 def test_corrupt_lmdb_value_through_a_worker(tmp_path):
-    import lmdb
-    img = tmp_path / "img"
-    shutil.copytree(IMG_DB, img)
-    env = lmdb.open(str(img / "feat_th0.2_max100_min10"), map_size=1 << 26)
-    with env.begin(write=True) as txn:
-        txn.put(b"flickr30k_000000000007.npz", b"\xc1\xc1broken")
-    env.close()
-    res = inf(tmp_path / "out", **{"--img_db": str(img), "--n_workers": "1"})
+    img = img_db_with_corrupt_value(tmp_path / "img", "flickr30k_000000000007.npz")
+    res = inf(tmp_path / "out", **{"--img_db": img, "--n_workers": "1"})
     assert_one_line_error(res, "corrupt value for key 'flickr30k_000000000007.npz'")
 
 

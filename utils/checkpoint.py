@@ -36,6 +36,11 @@ def atomic_save(obj, path):
         os.close(fd)
 
 
+def _first_line(error):
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+
+
 def load_checkpoint(path, what="checkpoint"):
     """torch.load(weights_only=True): a file that needs pickled code is refused, unrun."""
     if not exists(path):
@@ -43,12 +48,10 @@ def load_checkpoint(path, what="checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{what} {path} needs pickled code to load and was refused "
-                              f"({first[:160]}); only plain tensor files are accepted") from None
+                              f"({_first_line(e)}); only plain tensor files are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{what} {path} is unreadable or truncated ({first[:160]})") from None
+        raise CheckpointError(f"{what} {path} is unreadable or truncated ({_first_line(e)})") from None
 
 
 def state_dict_on_cpu(model):
