@@ -86,6 +86,32 @@ class ReadOnlyLmdb:
         self._open()
 
 
+class _WriteTxn:
+    """Writes to a new LMDB, committing every ``every`` puts so transactions stay small."""
+
+    def __init__(self, path, every):
+        os.makedirs(path, exist_ok=True)
+        self.env = lmdb.open(path, readonly=False, create=True, map_size=1 << 40)
+        self.txn = self.env.begin(write=True)
+        self.every, self.pending = every, 0
+
+    def put(self, key, value):
+        self.txn.put(key.encode("utf-8"), value)
+        self.pending += 1
+        if self.pending >= self.every:
+            self.txn.commit()
+            self.txn = self.env.begin(write=True)
+            self.pending = 0
+
+    def commit(self):
+        self.txn.commit()
+        self.env.close()
+
+    def abort(self):
+        self.txn.abort()
+        self.env.close()
+
+
 # ----------------------------------------------------------------------------- text DB
 
 def encode_txt(value):
@@ -103,12 +129,9 @@ class TxtLmdb:
         self.db_dir = db_dir
         self.readonly = readonly
         if readonly:
-            self.env, self.txn = None, ReadOnlyLmdb(db_dir)
+            self.txn, self._writer = ReadOnlyLmdb(db_dir), None
         else:
-            os.makedirs(db_dir, exist_ok=True)
-            self.env = lmdb.open(db_dir, readonly=False, create=True, map_size=1 << 40)
-            self.txn = self.env.begin(write=True)
-            self._pending = 0
+            self._writer = _WriteTxn(db_dir, every=1000)
 
     def __getitem__(self, key):
         raw = self.txn.get(key.encode("utf-8"))
@@ -122,18 +145,12 @@ class TxtLmdb:
     def __setitem__(self, key, value):
         if self.readonly:
             raise DataError(f"{self.db_dir} is opened read-only")
-        self.txn.put(key.encode("utf-8"), encode_txt(value))
-        self._pending += 1
-        if self._pending >= 1000:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
-            self._pending = 0
+        self._writer.put(key, encode_txt(value))
 
     def close(self):
-        if not self.readonly and self.env is not None:
-            self.txn.commit()
-            self.env.close()
-            self.env = None
+        if self._writer is not None:
+            self._writer.commit()
+            self._writer = None
 
     def __enter__(self):
         return self
@@ -345,10 +362,8 @@ class ImgDbWriter:
         self.db_dir = join(img_dir, db_name)
         if exists(join(self.db_dir, "data.mdb")):
             raise DataError(f"{self.db_dir} already exists; remove it or choose another output")
-        os.makedirs(self.db_dir, exist_ok=True)
-        self.env = lmdb.open(self.db_dir, map_size=1 << 40)
-        self.txn = self.env.begin(write=True)
-        self.name2nbb, self._pending = {}, 0
+        self._writer = _WriteTxn(self.db_dir, every=500)
+        self.name2nbb = {}
 
     def box_count(self, conf):
         """Boxes kept under the writer's setting for an image with these confidences."""
@@ -362,18 +377,12 @@ class ImgDbWriter:
         arrays = {k: np.asarray(a, dtype=np.float16) for k, a in arrays.items()}
         if nbb is None:
             nbb = self.box_count(arrays["conf"])
-        self.txn.put(fname.encode("utf-8"), encode_img_dump(arrays, self.compress))
+        self._writer.put(fname, encode_img_dump(arrays, self.compress))
         self.name2nbb[fname] = int(nbb)
-        self._pending += 1
-        if self._pending >= 500:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
-            self._pending = 0
 
     def close(self):
-        self.txn.put(IMG_DB_KEYS.encode(), json.dumps(list(self.name2nbb)).encode("utf-8"))
-        self.txn.commit()
-        self.env.close()
+        self._writer.put(IMG_DB_KEYS, json.dumps(list(self.name2nbb)).encode("utf-8"))
+        self._writer.commit()
         if self.nbb_file:
             with open(join(self.img_dir, self.nbb_file), "w", encoding="utf-8") as f:
                 json.dump(self.name2nbb, f)
@@ -385,5 +394,4 @@ class ImgDbWriter:
         if exc_type is None:
             self.close()
         else:
-            self.txn.abort()
-            self.env.close()
+            self._writer.abort()
