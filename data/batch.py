@@ -1,4 +1,7 @@
 """Padding and layout helpers shared by the ITM datasets."""
+import sys
+
+import numpy as np
 import torch
 
 
@@ -12,6 +15,60 @@ def pad_tensors(tensors, lens=None, pad=0):
     return out
 
 
+class RecycledBuffers:
+    """Memory for large padded batches, used again once nothing refers to a batch any more.
+
+    A text-side hard-negative batch is 100+ MB; writing it into pages the process already
+    has is about twice as fast as into fresh ones, which every new allocation of that size
+    gets. Whether a buffer is still in use is read off its reference count, so a batch that
+    someone keeps (or a view of it, or a tensor made from it) is never written over.
+    """
+
+    def __init__(self, keep=3):
+        self.keep = keep
+        self._buffers = []
+        self._idle_refs = self._probe_idle_refs()
+
+    def _refs(self, i):
+        return sys.getrefcount(self._buffers[i])
+
+    def _probe_idle_refs(self):
+        self._buffers.append(np.empty(0, np.uint8))
+        refs = self._refs(0)
+        self._buffers.pop()
+        return refs
+
+    def empty(self, shape, dtype):
+        """An uninitialised array of this shape and dtype, in recycled memory when some is free."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        idle = [i for i in range(len(self._buffers)) if self._refs(i) == self._idle_refs]
+        fits = [i for i in idle if self._buffers[i].nbytes >= nbytes]
+        if fits:
+            slot = fits[0]
+        else:
+            size = max([nbytes] + [b.nbytes for b in self._buffers])
+            if idle:
+                slot = idle[0]
+                self._buffers[slot] = np.empty(size, np.uint8)
+            elif len(self._buffers) < self.keep:
+                slot = len(self._buffers)
+                self._buffers.append(np.empty(size, np.uint8))
+            else:
+                return np.empty(shape, dtype)
+        return self._buffers[slot][:nbytes].view(dtype).reshape(shape)
+
+    def __getstate__(self):  # a copy sent to a worker process starts empty
+        return {"keep": self.keep}
+
+    def __setstate__(self, state):
+        self.__init__(state["keep"])
+
+
+def _lengths(values):
+    return torch.as_tensor(values, dtype=torch.long).unsqueeze(1)
+
+
 def get_gather_index(txt_lens, num_bbs, batch_size, max_len, out_size):
     """Index that packs row i of [text padded to max_len | boxes] as [text | boxes | rest].
 
@@ -19,18 +76,16 @@ def get_gather_index(txt_lens, num_bbs, batch_size, max_len, out_size):
     dataset passes the last caption's length here, and we keep that to give its numbers.
     """
     assert len(txt_lens) == len(num_bbs) == batch_size
-    index = torch.arange(out_size, dtype=torch.long).unsqueeze(0).repeat(batch_size, 1)
-    for i, (tl, nbb) in enumerate(zip(txt_lens, num_bbs)):
-        index[i, tl:tl + nbb] = torch.arange(max_len, max_len + nbb, dtype=torch.long)
-    return index
+    tl, nbb = _lengths(txt_lens), _lengths(num_bbs)
+    pos = torch.arange(out_size, dtype=torch.long).unsqueeze(0)
+    is_box = (pos >= tl) & (pos < tl + nbb)
+    return torch.where(is_box, pos - tl + max_len, pos.expand(batch_size, -1))
 
 
 def compact_attn_masks(txt_lens, num_bbs):
     """0/1 masks of the compact layout: row i has txt_lens[i] + num_bbs[i] ones."""
-    out = torch.zeros(len(txt_lens), max(txt_lens) + max(num_bbs), dtype=torch.long)
-    for i, (tl, nbb) in enumerate(zip(txt_lens, num_bbs)):
-        out[i, :tl + nbb] = 1
-    return out
+    pos = torch.arange(max(txt_lens) + max(num_bbs), dtype=torch.long).unsqueeze(0)
+    return (pos < _lengths(txt_lens) + _lengths(num_bbs)).long()
 
 
 def padded_layout_masks(txt_lens, num_bbs):
@@ -40,12 +95,9 @@ def padded_layout_masks(txt_lens, num_bbs):
     ``words`` marks the caption tokens without [CLS]/[SEP]; ``boxes`` the valid regions.
     """
     max_tl, max_nbb = max(txt_lens), max(num_bbs)
-    attn = torch.zeros(len(txt_lens), max_tl + max_nbb, dtype=torch.long)
-    words = torch.zeros_like(attn)
-    boxes = torch.zeros_like(attn)
-    for i, (tl, nbb) in enumerate(zip(txt_lens, num_bbs)):
-        attn[i, :tl] = 1
-        attn[i, max_tl:max_tl + nbb] = 1
-        words[i, 1:tl - 1] = 1
-        boxes[i, max_tl:max_tl + nbb] = 1
+    tl, nbb = _lengths(txt_lens), _lengths(num_bbs)
+    pos = torch.arange(max_tl + max_nbb, dtype=torch.long).unsqueeze(0)
+    words = ((pos >= 1) & (pos < tl - 1)).long()
+    boxes = ((pos >= max_tl) & (pos < max_tl + nbb)).long()
+    attn = (pos < tl).long() | boxes
     return attn, words, boxes

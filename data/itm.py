@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from utils.distributed import get_rank, get_world_size
 
-from .batch import compact_attn_masks, get_gather_index, padded_layout_masks
+from .batch import RecycledBuffers, compact_attn_masks, get_gather_index, padded_layout_masks
 from .db import DataError, DetectFeatLmdb, TxtTokLmdb
 
 
@@ -45,6 +45,7 @@ class DetectFeatTxtTokDataset(Dataset):
         if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, DetectFeatLmdb):
             raise TypeError("expected a TxtTokLmdb and a DetectFeatLmdb")
         self.txt_db, self.img_db = txt_db, img_db
+        self._feat_buffers = RecycledBuffers()
         txt_lens, self.ids = get_ids_and_lens(txt_db)
         if not txt_db.id2len:
             raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
@@ -72,10 +73,11 @@ class DetectFeatTxtTokDataset(Dataset):
         arrays = [self.img_db.read_arrays(f) for f in fnames]
         num_bbs = [a["features"].shape[0] for a in arrays]
         n, max_nbb = len(fnames), max(num_bbs)
-        feat = np.zeros((n, max_nbb, arrays[0]["features"].shape[1]), dtype=arrays[0]["features"].dtype)
+        feat = self._feat_buffers.empty((n, max_nbb, arrays[0]["features"].shape[1]), arrays[0]["features"].dtype)
         bb = np.zeros((n, max_nbb, 6), dtype=np.float32)
         for i, (a, nbb) in enumerate(zip(arrays, num_bbs)):
             feat[i, :nbb] = a["features"]
+            feat[i, nbb:] = 0
             bb[i, :nbb] = a["norm_bb"]
         bb = torch.from_numpy(bb)
         pos = torch.cat([bb, bb[..., 4:5] * bb[..., 5:]], dim=-1)

@@ -232,8 +232,8 @@ def test_corrupt_lmdb_value_names_the_key(tmp_path):
 
 
 def test_decoder_equals_msgpack_numpy(img_db):
-    """Our plain-value decoder gives exactly what msgpack-numpy decodes, and builds only
-    the arrays it is asked for."""
+    """Our plain-value decoder gives exactly what msgpack-numpy decodes, reads the arrays in
+    place (views of the stored bytes), and builds only the arrays it is asked for."""
     from data.db import decode_img_dump
     for name in img_db.name2nbb:
         raw = bytes(img_db.txn.get(name.encode()))
@@ -242,7 +242,70 @@ def test_decoder_equals_msgpack_numpy(img_db):
         assert fast.keys() == ref.keys()
         for k in ref:
             assert fast[k].dtype == ref[k].dtype and np.array_equal(fast[k], ref[k])
+            assert np.shares_memory(fast[k], np.frombuffer(raw, np.uint8))
         assert list(decode_img_dump(raw, False, ("features",))) == ["features"]
+
+
+def test_decoder_falls_back_on_unusual_encodings():
+    """Values with msgpack types numpy dumps do not use (here a float and an ext field) still
+    decode, through the reference decoder."""
+    from data.db import decode_img_dump
+    arrays = {"features": np.arange(6, dtype=np.float16).reshape(2, 3), "norm_bb": np.ones((2, 6), np.float16)}
+    raw = msgpack.packb({**{k: msgpack_numpy.encode(a) for k, a in arrays.items()}, "scale": 0.5,
+                         "tag": msgpack.ExtType(1, b"x")}, use_bin_type=True)
+    out = decode_img_dump(raw, False, ("features", "norm_bb"))
+    assert all(np.array_equal(out[k], arrays[k]) for k in arrays)
+
+
+def test_remembered_layouts_only_serve_identical_headers():
+    """Values of equal length whose headers differ (shape, dtype) each decode as written;
+    a second read of a value comes from the remembered layout and is equal."""
+    from data.db import decode_img_dump
+    variants = [np.arange(24, dtype=np.float16).reshape(4, 6), np.arange(24, dtype=np.float16).reshape(6, 4),
+                np.arange(24, dtype=np.int16).reshape(4, 6), np.arange(24, dtype=np.float16)[::-1].reshape(4, 6)]
+    bb = np.ones((2, 6), np.float16)
+    raws = [msgpack.packb({"features": msgpack_numpy.encode(a), "norm_bb": msgpack_numpy.encode(bb)},
+                          use_bin_type=True) for a in variants]
+    assert len({len(r) for r in raws}) == 1
+    for _ in range(2):
+        for raw, a in zip(raws, variants):
+            out = decode_img_dump(raw, False, ("features", "norm_bb"))
+            assert out["features"].dtype == a.dtype and np.array_equal(out["features"], a)
+            assert np.array_equal(out["norm_bb"], bb)
+            assert np.shares_memory(out["features"], np.frombuffer(raw, np.uint8))
+    from data.db import _LAYOUTS
+    served = _LAYOUTS.read(memoryview(raws[3]), ("features", "norm_bb"))  # same header as raws[0]
+    assert served is not None and np.array_equal(served["features"], variants[3])
+
+
+def test_recycled_buffers_never_overwrite_a_batch_in_use():
+    from data.batch import RecycledBuffers
+    pool = RecycledBuffers(keep=2)
+    first = torch.from_numpy(pool.empty((4, 8), np.float16))
+    first.fill_(1)
+    view_of_second = pool.empty((4, 8), np.float16)[1:]  # only a view survives
+    view_of_second.fill(2)
+    third = pool.empty((4, 8), np.float16)  # both slots taken: fresh memory
+    third.fill(3)
+    assert (first == 1).all() and (view_of_second == 2).all()
+    address = first.data_ptr()
+    del first
+    reused = pool.empty((2, 8), np.float16)
+    assert reused.ctypes.data == address  # released memory is used again
+
+
+def test_text_side_batches_stay_intact_while_held(txt_db, img_db):
+    random.seed(0)
+    ds = ItmRankDatasetHardNegFromText(txt_db, img_db, 3)
+    random.seed(1)
+    kept = ds[0]
+    copy = {k: v.clone() for k, v in kept.items() if torch.is_tensor(v)}
+    for i in range(1, 5):
+        ds[i]
+    assert all(torch.equal(kept[k], v) for k, v in copy.items())
+    random.seed(1)
+    again = ds[0]
+    assert all(torch.equal(again[k], v) for k, v in copy.items())
 
 
 def test_token_bucket_sampler_budget_and_coverage():
