@@ -18,13 +18,16 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         self.pairs_num = pairs_num
         # no-grad scoring of >= 2x this many rows runs in groups of similar length (0: off)
         self.length_buckets = 32
+        # the last layer computes only the [CLS] position the head reads (False: all of them)
+        self.first_token_only = True
         self.apply(self.init_weights)
 
     def _scores(self, batch):
         """Raw ranking logits [n, 1] of a batch in either layout."""
         sequence_output = self.uniter(
             batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
-            batch["attn_masks"], batch.get("gather_index"), output_all_encoded_layers=False)
+            batch["attn_masks"], batch.get("gather_index"), output_all_encoded_layers=False,
+            first_token_only=self.first_token_only)
         return self.rank_output(self.uniter.pooler(sequence_output))
 
     def init_output(self):
@@ -48,7 +51,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             sequence_output, losses = self.uniter(
                 batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
                 batch["attn_masks"], None, batch.get("txt_attn_masks"), batch.get("img_attn_masks"),
-                output_all_encoded_layers=False, IAIS=IAIS, pairs_num=self.pairs_num)
+                output_all_encoded_layers=False, IAIS=IAIS, pairs_num=self.pairs_num,
+                first_token_only=self.first_token_only)
             rank_scores = self.rank_output(self.uniter.pooler(sequence_output))
         else:
             rank_scores = self._scores(batch)
@@ -104,22 +108,28 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
 
         if not (self.training and compute_loss):
             return super().forward(batch, compute_loss)
-        with torch.no_grad():
-            self.eval()
-            scores = super().forward(batch, compute_loss=False)
-            self.train()
+        scores = None  # every negative is kept: there is nothing to select, so no scoring pass
+        if n - 1 != self.hard_size:
+            with torch.no_grad():
+                self.eval()
+                scores = super().forward(batch, compute_loss=False)
+                self.train()
         hard_batch = self._get_hard_batch(batch, scores, sample_from, IAIS)
         return super().forward(hard_batch, compute_loss=True, IAIS=IAIS)
 
     def _get_hard_batch(self, batch, scores, sample_from="t", IAIS=False):
-        """The positive (row 0) and the top-``hard_size`` negatives, cut to the longest row.
+        """The positive (row 0) and the top-``hard_size`` negatives, cut to the longest row
+        (all rows in their order when ``scores`` is None).
 
         Mirrors the original exactly, including that image-side batches without IAIS
         drop ``gather_index`` (their hard forward runs on the padded concatenation).
         """
         k = self.hard_size + 1
-        hard = scores.squeeze(-1)[1:].topk(self.hard_size, sorted=False)[1] + 1
-        indices = torch.cat([hard.new_zeros(1), hard])
+        if scores is None:
+            indices = torch.arange(k, device=batch["attn_masks"].device)
+        else:
+            hard = scores.squeeze(-1)[1:].topk(self.hard_size, sorted=False)[1] + 1
+            indices = torch.cat([hard.new_zeros(1), hard])
         attn_masks = batch["attn_masks"].index_select(0, indices)
         position_ids = batch["position_ids"]
         if position_ids.size(0) != 1:

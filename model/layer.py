@@ -46,9 +46,10 @@ class BertSelfAttention(nn.Module):
         k = self._split_heads(self.key(hidden_states))
         return torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
 
-    def forward(self, hidden_states, attention_bias):
-        """attention_bias: additive [B, 1, 1, N] (or broadcastable to [B, heads, N, N])."""
-        q = self._split_heads(self.query(hidden_states))
+    def forward(self, hidden_states, attention_bias, queries=None):
+        """attention_bias: additive [B, 1, 1, N] (or broadcastable to [B, heads, N, N]);
+        queries: the positions [B, M, D] to attend from (default: all of hidden_states)."""
+        q = self._split_heads(self.query(hidden_states if queries is None else queries))
         k = self._split_heads(self.key(hidden_states))
         v = self._split_heads(self.value(hidden_states))
         if self.fused:
@@ -80,8 +81,9 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states, attention_bias):
-        return self.output(self.self(hidden_states, attention_bias), hidden_states)
+    def forward(self, hidden_states, attention_bias, queries=None):
+        residual = hidden_states if queries is None else queries
+        return self.output(self.self(hidden_states, attention_bias, queries), residual)
 
 
 class BertIntermediate(nn.Module):
@@ -114,8 +116,12 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states, attention_bias):
-        attention_output = self.attention(hidden_states, attention_bias)
+    def forward(self, hidden_states, attention_bias, first_token_only=False):
+        """first_token_only: return [B, 1, D], the [CLS] position alone; it attends to every
+        position as usual, and the other positions' outputs, which no head reads after the
+        last layer, are not computed."""
+        queries = hidden_states[:, :1] if first_token_only else None
+        attention_output = self.attention(hidden_states, attention_bias, queries)
         return self.output(self.intermediate(attention_output), attention_output)
 
 

@@ -178,10 +178,11 @@ class UniterEncoder(nn.Module):
         self.fused = True
 
     def forward(self, input_, attention_mask, txt_attn_mask=None, img_attn_mask=None, max_tl=0,
-                output_all_encoded_layers=True, IAIS=False, pairs_num=3):
+                output_all_encoded_layers=True, IAIS=False, pairs_num=3, first_token_only=False):
         """attention_mask: 0/1 [B, N]. With IAIS, txt_attn_mask/img_attn_mask are the 0/1
         position masks [P, N] of the positives (rows 0, pairs_num, 2*pairs_num, ...) and
-        max_tl is the padded text length; returns (layers, {'self_attn_loss': ...})."""
+        max_tl is the padded text length; returns (layers, {'self_attn_loss': ...}).
+        first_token_only: the last layer computes the [CLS] position only ([B, 1, D])."""
         bias = additive_mask(attention_mask[:, None, None, :], input_.dtype)
         hidden_states = input_
         all_layers, losses = [], {}
@@ -193,7 +194,7 @@ class UniterEncoder(nn.Module):
                 loss = iais_loss(IAIS, scores, txt_attn_mask, img_attn_mask, max_tl, self.fused)
                 losses[f"self_attn_loss/layer_{i}"] = loss
                 losses["self_attn_loss"] = loss
-            hidden_states = layer_module(hidden_states, bias)
+            hidden_states = layer_module(hidden_states, bias, first_token_only and i == last)
             if output_all_encoded_layers:
                 all_layers.append(hidden_states)
         if not output_all_encoded_layers:
@@ -230,7 +231,12 @@ class UniterModel(UniterPreTrainedModel):
     def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                 gather_index=None, txt_attn_mask=None, img_attn_mask=None,
                 output_all_encoded_layers=True, IAIS=False, txt_type_ids=None,
-                img_type_ids=None, pairs_num=3):
+                img_type_ids=None, pairs_num=3, first_token_only=False):
+        """first_token_only (with output_all_encoded_layers=False): the output is the [CLS]
+        position alone, [B, 1, D], which is all the pooler reads; it saves most of the last
+        layer."""
+        if first_token_only and output_all_encoded_layers:
+            raise ValueError("first_token_only needs output_all_encoded_layers=False")
         embedding_output = self._compute_img_txt_embeddings(
             input_ids, position_ids, img_feat, img_pos_feat, gather_index, txt_type_ids, img_type_ids)
         if IAIS:
@@ -239,10 +245,12 @@ class UniterModel(UniterPreTrainedModel):
                                  "(build the dataset with IAIS enabled)")
             layers, losses = self.encoder(
                 embedding_output, attention_mask, txt_attn_mask, img_attn_mask, input_ids.size(1),
-                output_all_encoded_layers=output_all_encoded_layers, IAIS=IAIS, pairs_num=pairs_num)
+                output_all_encoded_layers=output_all_encoded_layers, IAIS=IAIS, pairs_num=pairs_num,
+                first_token_only=first_token_only)
         else:
             layers = self.encoder(embedding_output, attention_mask,
-                                  output_all_encoded_layers=output_all_encoded_layers)
+                                  output_all_encoded_layers=output_all_encoded_layers,
+                                  first_token_only=first_token_only)
         if not output_all_encoded_layers:
             layers = layers[-1]
         return (layers, losses) if IAIS else layers

@@ -342,3 +342,21 @@ def test_resumable_stream_continues_where_it_stopped(txt_db, img_db):
     assert state == {"epoch": 1, "pos": 10}
     for e in expected:
         assert torch.equal(next(b)["img_feat"], e)
+
+
+def test_layout_masks_and_gather_index_by_hand():
+    """Masks and gather index against a position-by-position construction."""
+    from data.batch import compact_attn_masks, get_gather_index, padded_layout_masks
+    txt_lens, num_bbs = [5, 3, 7, 4], [2, 6, 1, 3]
+    max_tl, max_nbb, box_start = 7, 6, 4
+    width = max(txt_lens) + max(num_bbs)
+    compact = [[int(j < tl + nbb) for j in range(width)] for tl, nbb in zip(txt_lens, num_bbs)]
+    gather = [[box_start + j - tl if tl <= j < tl + nbb else j for j in range(width)]
+              for tl, nbb in zip(txt_lens, num_bbs)]
+    attn = [[int(j < tl or max_tl <= j < max_tl + nbb) for j in range(max_tl + max_nbb)]
+            for tl, nbb in zip(txt_lens, num_bbs)]
+    words = [[int(1 <= j < tl - 1) for j in range(max_tl + max_nbb)] for tl in txt_lens]
+    boxes = [[int(max_tl <= j < max_tl + nbb) for j in range(max_tl + max_nbb)] for nbb in num_bbs]
+    assert compact_attn_masks(txt_lens, num_bbs).tolist() == compact
+    assert get_gather_index(txt_lens, num_bbs, 4, box_start, width).tolist() == gather
+    assert [m.tolist() for m in padded_layout_masks(txt_lens, num_bbs)] == [attn, words, boxes]

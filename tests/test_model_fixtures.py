@@ -155,3 +155,61 @@ def test_length_bucketed_scoring_gives_the_one_pass_scores(ref_model_state):
         model.length_buckets = 0
         one_pass = model(batch, "t", compute_loss=False)
     torch.testing.assert_close(bucketed, one_pass, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+def test_first_token_only_equals_the_full_last_layer(ref_model_state, fused):
+    """The last layer computed for [CLS] alone gives the [CLS] output and the gradients of
+    the full computation."""
+    model = tiny_hardneg(ref_model_state, fused).uniter
+    g = torch.Generator().manual_seed(1)
+    n, tl, nbb = 4, 7, 12
+    args = (torch.randint(106, 1000, (n, tl), generator=g), torch.arange(tl)[None],
+            torch.randn(n, nbb, 2048, generator=g), torch.rand(n, nbb, 7, generator=g),
+            (torch.arange(tl + nbb)[None] < torch.tensor([[19], [15], [12], [17]])).long())
+    weights = torch.randn(n, model.config.hidden_size, generator=g)
+    outputs, grads = [], []
+    for first_only in (False, True):
+        model.zero_grad()
+        out = model(*args, output_all_encoded_layers=False, first_token_only=first_only)[:, 0]
+        (out * weights).sum().backward()  # (not a norm: LayerNorm outputs have a fixed one)
+        outputs.append(out)
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    # float32 rounding, relative to the gradients' scale (some, like the key biases', are 0
+    # in exact arithmetic and hold rounding only)
+    scale = max(ref.abs().max().item() for ref in grads[0].values())
+    for k, ref in grads[0].items():
+        torch.testing.assert_close(grads[1][k], ref, rtol=1e-4, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["IAIS"]][:2] + [c for c in CASES if not c["IAIS"]][:2],
+                         ids=lambda c: f"{c['sample_from']}-{c['IAIS'] or 'plain'}")
+def test_keeping_every_negative_skips_the_scoring_pass(case, ref_model_state):
+    """negative_size == hard_neg_size: the loss of the unscored batch equals the loss of
+    the scored-and-selected one (same rows, possibly in another order)."""
+    batch = {k: (v.float() if k == "img_feat" else v) for k, v in case["batch"].items()}
+    n = batch["attn_masks"].size(0)
+    model = tiny_hardneg(ref_model_state, True)
+    model.hard_size, model.pairs_num = n - 1, n
+    model.train()
+    calls = []
+    model.uniter.register_forward_hook(lambda *_: calls.append(1))
+    skipped = model(batch, sample_from=case["sample_from"], IAIS=case["IAIS"])
+    assert len(calls) == 1  # the training forward only
+    expanded = dict(batch)
+    if case["sample_from"] == "t":
+        expanded["input_ids"] = batch["input_ids"].expand(n, -1)
+    else:
+        expanded.update(img_feat=batch["img_feat"].expand(n, -1, -1), img_pos_feat=batch["img_pos_feat"].expand(n, -1, -1))
+    with torch.no_grad():
+        model.eval()
+        scores = super(UniterForImageTextRetrievalHardNeg, model).forward(expanded, compute_loss=False)
+        model.train()
+    hard = model._get_hard_batch(expanded, scores, case["sample_from"], case["IAIS"])
+    scored = super(UniterForImageTextRetrievalHardNeg, model).forward(hard, compute_loss=True, IAIS=case["IAIS"])
+    if case["IAIS"]:
+        torch.testing.assert_close(skipped[1]["self_attn_loss"], scored[1]["self_attn_loss"], rtol=1e-5, atol=1e-6)
+        skipped, scored = skipped[0], scored[0]
+    torch.testing.assert_close(skipped.sort().values, scored.sort().values, rtol=1e-5, atol=1e-6)
