@@ -121,6 +121,9 @@ class UniterPreTrainedModel(nn.Module):
                 raise CheckpointMismatchError(
                     f"checkpoint tensor {key} has shape {tuple(value.shape)} but the model config "
                     f"needs {tuple(own[key].shape)}; use the model config the checkpoint was trained with")
+        if not state_dict:
+            logger.info("%s starts from random initialisation (no checkpoint)", cls.__name__)
+            return model
         result = model.load_state_dict(state_dict, strict=False)
         if result.missing_keys:
             logger.info("Weights of %s not initialized from the checkpoint: %s",

@@ -1,11 +1,12 @@
 """Build a small synthetic retrieval data set in the release formats (txt_db + img_db).
 
 Every image holds three objects on a 3x3 grid plus background regions; region features
-are noisy object prototypes (2048-d, float16), boxes give the positions. Images come in
-twins with the same objects in other places, and captions name two objects and their
-spatial relation ("a dog left of a ball"), so telling twins apart needs the relation, not
-only the objects. annotations/isda_{split}.json holds each caption's phrase-to-box
-alignments (the nouns and their regions) for scripts/isd.py --annotations.
+are noisy object prototypes (2048-d, float16), boxes give the positions. Captions name two
+objects and their spatial relation ("a dog left of a ball"). Half of the images (by
+default, first in each split) come in twins: the same objects in other places, which only
+the relations tell apart, so matching needs the relations, not only the objects.
+annotations/isda_{split}.json holds each caption's phrase-to-box alignments (the nouns and
+their regions) for scripts/isd.py --annotations.
 
     python scripts/make_demo_data.py --output demo        # ~20 s on 2 cores
 """
@@ -35,11 +36,15 @@ GRID = [(0.2 + 0.3 * c, 0.2 + 0.3 * r) for r in range(3) for c in range(3)]  # c
 
 
 def relation(a, b):
-    """Spatial relation of box centre a to box centre b."""
-    dx, dy = a[0] - b[0], a[1] - b[1]
-    if abs(dx) >= abs(dy):
+    """Spatial relation of grid cell a to grid cell b (never diagonal to each other)."""
+    dx, dy = a % 3 - b % 3, a // 3 - b // 3
+    if abs(dx) > abs(dy):
         return "left" if dx < 0 else "right"
     return "above" if dy < 0 else "below"
+
+
+def on_a_diagonal(a, b):
+    return abs(a % 3 - b % 3) == abs(a // 3 - b // 3)
 
 
 def caption(noun_a, noun_b, rel):
@@ -77,40 +82,52 @@ class World:
         where = np.argsort(order)  # region index of each object
         return arrays, [int(where[k]) for k in range(len(objects))]
 
-    def twins(self):
-        """Two images with the same three objects in different places, and their captions."""
+    def images(self, twins):
+        """One image, or two (``twins``) with the same three objects in places that change at
+        least two pairwise relations, and their captions: each image keeps the five of its
+        six ordered-pair captions that hold least often for its twin."""
         rng = self.rng
-        nouns = rng.choice(len(NOUNS), 3, replace=False)
-        objects = [NOUNS[i] for i in nouns]
-        cells = rng.choice(9, 3, replace=False)
+        objects = [NOUNS[i] for i in rng.choice(len(NOUNS), 3, replace=False)]
+        layouts = [self._layout()]
+        if twins:
+            layouts.append(self._relayout(layouts[0]))
+        pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
+        rels = [[relation(cells[a], cells[b]) for a, b in pairs] for cells in layouts]
         out = []
-        for layout in (cells, self._relayout(cells)):
-            centres = [GRID[c] for c in layout]
-            pairs = [(a, b) for a in range(3) for b in range(3) if a != b]
-            chosen = rng.choice(len(pairs), 5, replace=False)
-            arrays, regions = self.image(objects, layout)
+        for i, cells in enumerate(layouts):
+            arrays, regions = self.image(objects, cells)
+            shared = [sum(r[k] == rels[i][k] for j, r in enumerate(rels) if j != i) for k in range(len(pairs))]
+            order = rng.permutation(len(pairs))
+            chosen = sorted(order, key=lambda k: shared[k])[:5]
             caps, alignments = [], []
-            for a, b in (pairs[k] for k in chosen):
-                words = caption(objects[a], objects[b], relation(centres[a], centres[b]))
+            for k in chosen:
+                a, b = pairs[k]
+                words = caption(objects[a], objects[b], rels[i][k])
                 caps.append(words)
                 # phrase-to-box alignments: the two nouns and their regions
                 alignments.append([[[1], [regions[a]]], [[len(words) - 1], [regions[b]]]])
             out.append((arrays, caps, alignments))
         return out
 
+    def _layout(self):
+        """Three grid cells, no two on a diagonal, so that every relation is plain from the
+        boxes (a diagonal would leave it to the position jitter)."""
+        while True:
+            cells = self.rng.choice(9, 3, replace=False)
+            if not any(on_a_diagonal(cells[a], cells[b]) for a in range(3) for b in range(a + 1, 3)):
+                return cells
+
     def _relayout(self, cells):
         """Other cells for the same objects such that at least two pairwise relations change."""
-        centres = [GRID[c] for c in cells]
         while True:
-            new = self.rng.choice(9, 3, replace=False)
-            moved = [GRID[c] for c in new]
-            changed = sum(relation(centres[a], centres[b]) != relation(moved[a], moved[b])
+            new = self._layout()
+            changed = sum(relation(cells[a], cells[b]) != relation(new[a], new[b])
                           for a in range(3) for b in range(a + 1, 3))
             if changed >= 2:
                 return new
 
 
-def build(output, n_train, n_val, n_test, seed, conf_th=0.2, max_bb=100, min_bb=10):
+def build(output, n_train, n_val, n_test, seed, twins=0.5, conf_th=0.2, max_bb=100, min_bb=10):
     if exists(output) and os.listdir(output):
         raise SystemExit(f"make_demo_data.py: error: {output} is not empty; remove it or choose another --output")
     world = World(seed)
@@ -119,10 +136,9 @@ def build(output, n_train, n_val, n_test, seed, conf_th=0.2, max_bb=100, min_bb=
     os.makedirs(join(output, "annotations"), exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         examples, annotations = {}, {}
-        for _ in range((n + 1) // 2):
-            for arrays, caps, alignments in world.twins():
-                if n_img >= sum((n_train, n_val, n_test)[:("train", "val", "test").index(split) + 1]):
-                    break
+        n_pairs = int(round(n * twins / 2))
+        for twins_now in [True] * n_pairs + [False] * (n - 2 * n_pairs):
+            for arrays, caps, alignments in world.images(twins_now):
                 fname = f"demo_{n_img:012d}.npz"
                 img_writer.put(fname, arrays)
                 for k, (words, align) in enumerate(zip(caps, alignments)):
@@ -147,9 +163,11 @@ def main():
     p.add_argument("--n_val", type=int, default=100, help="validation images")
     p.add_argument("--n_test", type=int, default=100, help="test images")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--twins", type=float, default=0.5,
+                   help="fraction of the images that come in twin pairs (same objects, other places)")
     args = p.parse_args()
     st = time.time()
-    n = build(args.output, args.n_train, args.n_val, args.n_test, args.seed)
+    n = build(args.output, args.n_train, args.n_val, args.n_test, args.seed, args.twins)
     print(f"wrote {n} images and {5 * n} captions to {args.output} in {time.time() - st:.1f}s")
 
 

@@ -138,3 +138,46 @@ def test_launch_container_arguments(tmp_path):
     res = subprocess.run(["bash", "-c", "source launch_container.sh a b"], cwd=ROOT, capture_output=True,
                          text=True, env=env)
     assert res.returncode == 2 and "usage" in res.stderr
+
+
+def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
+    """Every demo caption is true of its image (the named objects' grid cells stand in the
+    named relation); twins hold the same objects, and most of each twin's captions are false of
+    the other one, so only the relation tells them apart."""
+    root = tmp_path / "d"
+    res = run(["scripts/make_demo_data.py", "--n_train", "2", "--n_val", "2", "--n_test", "12",
+               "--output", str(root)])
+    assert res.returncode == 0, res.stderr
+    img = DetectFeatLmdb(str(root / "img_db" / "demo"), 0.2, 100, 10, 36, False)
+    txt = TxtTokLmdb(str(root / "txt_db" / "itm_demo_test.db"), -1)
+    alignments = json.loads((root / "annotations" / "isda_test.json").read_text())
+
+    def cell(fname, region):  # column and row of the 3x3 grid cell the box is centred in
+        x1, y1, x2, y2 = img[fname][1][region, :4].tolist()
+        return round(((x1 + x2) / 2 - 0.2) / 0.3), round(((y1 + y2) / 2 - 0.2) / 0.3)
+
+    def holds(fname, rel, a, b):  # the larger offset decides; objects are never on a diagonal
+        (ax, ay), (bx, by) = cell(fname, a), cell(fname, b)
+        assert abs(ax - bx) != abs(ay - by), (fname, a, b)
+        if abs(ax - bx) > abs(ay - by):
+            return rel == ("left" if ax < bx else "right")
+        return rel == ("above" if ay < by else "below")
+
+    captions = {}  # image -> [(words, region of first noun, region of second noun)]
+    for txt_id in txt.id2len:
+        words = txt[txt_id]["raw"].split()
+        (_, (a,)), (_, (b,)) = alignments[txt_id]
+        captions.setdefault(txt.txt2img[txt_id], []).append((words, a, b))
+    assert len(captions) == 12 and all(len(c) == 5 for c in captions.values())
+    for fname, caps in captions.items():
+        assert all(holds(fname, words[2], a, b) for words, a, b in caps), fname
+    images = sorted(captions)
+    for first, second in zip(images[0:6:2], images[1:6:2]):  # half of the images are twins
+        nouns = lambda f: {w for words, _, _ in captions[f] for w in (words[1], words[-1])}
+        assert nouns(first) == nouns(second)
+        region = {f: {words[1]: a for words, a, _ in captions[f]} | {words[-1]: b for words, _, b in captions[f]}
+                  for f in (first, second)}
+        for this, other in ((first, second), (second, first)):
+            false_there = sum(not holds(other, words[2], region[other][words[1]], region[other][words[-1]])
+                              for words, _, _ in captions[this])
+            assert false_there >= 4, (this, other)
