@@ -10,8 +10,9 @@ CPU workloads (the figures of the original on this machine class are in the READ
               without IAIS: steps/s
 The plain path is what the original does: decode every array (soft_labels included),
 convert to float32, pad box by box, eager attention, four IAIS attention passes. Values
-of both paths are compared. With --gpu (and a GPU), UNITER-base scoring and training are
-measured too, with model FLOP utilisation.
+of both paths are compared. With --gpu, UNITER-base scoring and a training step with IAIS
+are measured on the GPU too (bf16 and fp16 autocast), with model FLOP utilisation and
+whether the default 4 loader workers keep up with the training steps.
 """
 import argparse
 import json
@@ -160,39 +161,75 @@ def bench_train(root, min_time):
     return out
 
 
-def bench_gpu(min_time):
-    """UNITER-base on a GPU: no-grad scoring of 400 pairs and a hard-negative training step."""
-    device = torch.device("cuda")
-    config = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))
+def forward_flops_per_pair(config, txt_len, num_bb, img_dim=2048):
+    """Matmul FLOPs of scoring one pair: the box and position projections, every layer on
+    every position except the last one, which computes keys and values for all positions
+    and the rest for [CLS] alone, then the pooler and the ranking head."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    seq = txt_len + num_bb
+    full_layer = seq * (4 * h * h + 2 * h * inter) + 2 * seq * seq * h
+    last_layer = seq * 2 * h * h + (2 * h * h + 2 * h * inter) + 2 * seq * h
+    return 2 * ((layers - 1) * full_layer + last_layer + num_bb * (img_dim + 7) * h + h * h + h)
+
+
+def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60, peak_tflops=None,
+                 loader_rate=None, n_workers=4):
+    """UNITER scoring (``n`` pairs, no grad) and a hard-negative training step with IAIS
+    (score ``n``, train ``hard`` + 1) on ``device`` under bf16 and fp16 autocast, with model
+    FLOP utilisation when ``peak_tflops`` is given, and whether ``n_workers`` loader
+    processes at ``loader_rate`` micro-batches/s each keep up with the training steps."""
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    out = {"gpu": torch.cuda.get_device_name()}
-    n, tl, nbb = 400, 22, 60
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(106, 28996, (1, tl), generator=g), "position_ids": torch.arange(tl)[None],
-             "img_feat": torch.randn(n, nbb, 2048, generator=g).half(), "img_pos_feat": torch.rand(n, nbb, 7, generator=g),
-             "attn_masks": torch.ones(n, tl + nbb, dtype=torch.long), "gather_index": torch.arange(tl + nbb).repeat(n, 1)}
+    seq = txt_len + num_bb
+    words = torch.arange(seq)[None].expand(n, -1)
+    batch = {"input_ids": torch.randint(106, config.vocab_size, (1, txt_len), generator=g),
+             "position_ids": torch.arange(txt_len)[None],
+             "img_feat": torch.randn(n, num_bb, 2048, generator=g).half(),
+             "img_pos_feat": torch.rand(n, num_bb, 7, generator=g),
+             "attn_masks": torch.ones(n, seq, dtype=torch.long), "gather_index": words.clone(),
+             "txt_attn_masks": ((words >= 1) & (words < txt_len - 1)).long()[:1],
+             "img_attn_masks": (words >= txt_len).long()[:1]}
     batch = {k: v.to(device) for k, v in batch.items()}
-    seq = tl + nbb
-    # forward FLOPs per pair: 2 * params-in-matmuls * tokens + attention (4 * seq^2 * hidden per layer)
-    h, L, inter = config.hidden_size, config.num_hidden_layers, config.intermediate_size
-    matmul_params = L * (4 * h * h + 2 * h * inter) + 2048 * h
-    flops_per_pair = 2 * matmul_params * seq + L * 4 * seq * seq * h
-    peak = float(os.environ.get("GPU_PEAK_TFLOPS", "989")) * 1e12  # H100 SXM dense bf16
+    iais_batch = {k: v for k, v in batch.items() if k != "gather_index"}
+    flops = forward_flops_per_pair(config, txt_len, num_bb)
+    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for fused in (True, False):
-            model = UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=31).to(device).eval()
+            torch.manual_seed(0)
+            model = UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard).to(device)
             model.set_fused_attention(fused)
+            model.length_buckets = 32 if fused else 0
+            model.first_token_only = fused
+            tag = f"{dtype_name}_{'fused' if fused else 'plain'}"
 
             def score():
-                with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
-                    model(batch, "t", compute_loss=False)
-            torch.cuda.synchronize()
-            r = rate(lambda: (score(), torch.cuda.synchronize()), min_time)
-            tag = f"gpu_score_{dtype_name}_{'fused' if fused else 'plain'}"
-            out[f"{tag}_pairs_per_s"] = r * n
-            out[f"{tag}_mfu"] = r * n * flops_per_pair / peak
-    out["gpu_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return out
+                with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+                    model.eval()(batch, "t", compute_loss=False)
+                sync()
+
+            def train_step():
+                model.train().zero_grad()
+                with torch.autocast(device.type, dtype=dtype):
+                    rank_loss, losses = model(iais_batch, "t", IAIS="L-singular")
+                    loss = rank_loss.mean() + losses["self_attn_loss"]
+                loss.backward()
+                sync()
+
+            pairs_per_s = n * rate(score, min_time)
+            out[f"score_{tag}_pairs_per_s"] = pairs_per_s
+            out[f"train_iais_{tag}_steps_per_s"] = rate(train_step, min_time)
+            if peak_tflops:
+                out[f"score_{tag}_mfu"] = pairs_per_s * flops / (peak_tflops * 1e12)
+    if loader_rate:
+        # one training micro-step needs a text-side and an image-side micro-batch; the
+        # text side is the heavy one
+        steps = max(v for k, v in out.items() if k.startswith("train_iais_"))
+        out["loader_text_side_per_s_with_workers"] = loader_rate * n_workers
+        out["loader_keeps_up"] = loader_rate * n_workers >= steps
+    if device.type == "cuda":
+        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return {f"device_{k}": v for k, v in out.items()}
 
 
 def main():
@@ -202,6 +239,8 @@ def main():
     p.add_argument("--n_images", type=int, default=600, help="images in the generated img_db")
     p.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
     p.add_argument("--gpu", action="store_true", help="also measure UNITER-base on the GPU")
+    p.add_argument("--peak_tflops", type=float, default=989.0,
+                   help="the GPU's dense bf16/fp16 peak for MFU (default: H100 SXM, 989)")
     opts = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     root = opts.data or join(tempfile.gettempdir(), "iais_bench_db")
@@ -212,8 +251,12 @@ def main():
     results.update(bench_loader(root, opts.min_time))
     results.update(bench_eval(root, opts.min_time))
     results.update(bench_train(root, opts.min_time))
-    if opts.gpu and torch.cuda.is_available():
-        results.update(bench_gpu(opts.min_time))
+    if opts.gpu:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench.py: error: --gpu given but torch sees no CUDA device")
+        config = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))
+        results.update(bench_device(torch.device("cuda"), config, opts.min_time, peak_tflops=opts.peak_tflops,
+                                    loader_rate=results["text_side_micro_batches_per_s"]))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
     with open(opts.output, "w") as f:

@@ -181,3 +181,32 @@ def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
             false_there = sum(not holds(other, words[2], region[other][words[1]], region[other][words[-1]])
                               for words, _, _ in captions[this])
             assert false_there >= 4, (this, other)
+
+
+def test_device_benchmark_runs_on_the_cpu():
+    """The GPU benchmark's code path (scoring, training with IAIS, MFU, loader check) on
+    the CPU with a tiny model, and its FLOPs per pair."""
+    import sys
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench import bench_device, forward_flops_per_pair
+    from conftest import TINY_CONFIG
+    from model import UniterConfig
+    config = UniterConfig.from_json_file(TINY_CONFIG)
+    out = bench_device(torch.device("cpu"), config, 0.0, n=8, hard=3, txt_len=6, num_bb=10,
+                       peak_tflops=1.0, loader_rate=1e6)
+    for tag in ("bf16_fused", "bf16_plain", "fp16_fused", "fp16_plain"):
+        assert out[f"device_score_{tag}_pairs_per_s"] > 0 and out[f"device_train_iais_{tag}_steps_per_s"] > 0
+        assert 0 < out[f"device_score_{tag}_mfu"] < 1
+    assert out["device_loader_keeps_up"] is True
+    # FLOPs per pair against torch's FLOP counter on the eager path (which counts attention)
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import UniterForImageTextRetrieval
+    model = UniterForImageTextRetrieval(config, 2048, 1).eval().set_fused_attention(False)
+    tl, nbb = 6, 10
+    batch = {"input_ids": torch.randint(106, 500, (1, tl)), "position_ids": torch.arange(tl)[None],
+             "img_feat": torch.randn(1, nbb, 2048), "img_pos_feat": torch.rand(1, nbb, 7),
+             "attn_masks": torch.ones(1, tl + nbb, dtype=torch.long)}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(batch, compute_loss=False)
+    assert forward_flops_per_pair(config, tl, nbb) == counter.get_total_flops()
