@@ -8,7 +8,7 @@ the relations tell apart, so matching needs the relations, not only the objects.
 annotations/isda_{split}.json holds each caption's phrase-to-box alignments (the nouns and
 their regions) for scripts/isd.py --annotations.
 
-    python scripts/make_demo_data.py --output demo        # ~20 s on 2 cores
+    python scripts/make_demo_data.py --output demo        # ~5 s on 2 cores
 """
 import argparse
 import json
