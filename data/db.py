@@ -334,11 +334,11 @@ def decode_img_dump(raw, compress, keys=None):
     try:
         dump, end = _unpack_arrays_in_place(view, keys)
     except (_Unsupported, IndexError, struct.error):  # anything unusual: the reference decoder
-        dump = msgpack.unpackb(raw, raw=False)
+        dump, end = msgpack.unpackb(raw, raw=False), None
         dump = {k if isinstance(k, str) else k.decode(): v for k, v in dump.items()}
-        return {k: _msgpack_array(v) for k, v in dump.items() if keys is None or k in keys}
     arrays = {k: _msgpack_array(v) for k, v in dump.items() if keys is None or k in keys}
-    _LAYOUTS.remember(view, keys, end, dump, arrays)
+    if end is not None:
+        _LAYOUTS.remember(view, keys, end, dump, arrays)
     return arrays
 
 

@@ -81,9 +81,12 @@ def rate(fn, min_time=3.0, min_iters=3):
     return n / (time.perf_counter() - st)
 
 
+def open_bench_dbs(root):
+    return TxtTokLmdb(join(root, "txt"), 60), DetectFeatLmdb(join(root, "img"), 0.2, 100, 10, 36, False)
+
+
 def bench_loader(root, min_time):
-    txt = TxtTokLmdb(join(root, "txt"), 60)
-    img = DetectFeatLmdb(join(root, "img"), 0.2, 100, 10, 36, False)
+    txt, img = open_bench_dbs(root)
     text_side = ItmRankDatasetHardNegFromText(txt, img, 399)
     image_side = ItmRankDatasetHardNegFromImage(txt, img, 399)
     plain = PlainImages(img)
@@ -102,28 +105,32 @@ def bench_loader(root, min_time):
     return out
 
 
+def use_fast_paths(model, fast, buckets=16):
+    """The project's fast paths, or (fast=False) the original's computation: eager attention
+    and four IAIS passes, one padded pass for scoring, every position through the last layer."""
+    model.set_fused_attention(fast)
+    model.length_buckets = buckets if fast else 0
+    model.first_token_only = fast
+    return model
+
+
 def small_model(fused, hard_size=7):
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    return UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size).set_fused_attention(fused)
+    return use_fast_paths(UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size), fused)
 
 
-def eval_batch(root, n_images, seed=0):
-    txt = TxtTokLmdb(join(root, "txt"), 60)
-    img = DetectFeatLmdb(join(root, "img"), 0.2, 100, 10, 36, False)
+def text_side_batch(root, negatives, seed, IAIS=False, index=0):
     random.seed(seed)
-    ds = ItmRankDatasetHardNegFromText(txt, img, n_images - 1)
-    return ds, ds[0]
+    return ItmRankDatasetHardNegFromText(*open_bench_dbs(root), negatives, IAIS)[index]
 
 
 def bench_eval(root, min_time):
-    _, batch = eval_batch(root, 64)
+    batch = text_side_batch(root, 63, seed=0)
     out, scores = {}, {}
     for name, fused in (("fused", True), ("plain", False)):
         model = small_model(fused).eval()
-        model.length_buckets = 16 if fused else 0
-        model.first_token_only = fused
         with torch.no_grad():
             scores[name] = model(batch, "t", compute_loss=False)
             out[f"eval_{name}_pairs_per_s"] = 64 * rate(lambda: model(batch, "t", compute_loss=False), min_time)
@@ -135,16 +142,11 @@ def bench_eval(root, min_time):
 def bench_train(root, min_time):
     out = {}
     for iais in (False, "singular"):
-        txt = TxtTokLmdb(join(root, "txt"), 60)
-        img = DetectFeatLmdb(join(root, "img"), 0.2, 100, 10, 36, False)
-        random.seed(1)
-        batch = ItmRankDatasetHardNegFromText(txt, img, 63, iais)[3]
+        batch = text_side_batch(root, 63, seed=1, IAIS=iais, index=3)
         variant = f"L-{iais}" if iais else False
         losses = {}
         for name, fused in (("fused", True), ("plain", False)):
             model = small_model(fused).train()
-            model.length_buckets = 16 if fused else 0
-            model.first_token_only = fused
 
             def step():
                 model.zero_grad()
@@ -197,10 +199,8 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for fused in (True, False):
             torch.manual_seed(0)
-            model = UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard).to(device)
-            model.set_fused_attention(fused)
-            model.length_buckets = 32 if fused else 0
-            model.first_token_only = fused
+            model = use_fast_paths(UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard), fused, 32)
+            model = model.to(device)
             tag = f"{dtype_name}_{'fused' if fused else 'plain'}"
 
             def score():

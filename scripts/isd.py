@@ -1,7 +1,7 @@
 """Intra-modal Self-attention Distance of a checkpoint on the matched pairs of a split.
 
     python scripts/isd.py --txt_db demo/txt_db/itm_demo_test.db --img_db demo/img_db/demo \\
-        --checkpoint demo/output/ckpt/model_step_400.pt --model_config config/uniter-demo.json \\
+        --checkpoint demo/output/ckpt/model_step_2500.pt --model_config config/uniter-demo.json \\
         --output demo/isd [--annotations phrases.json] [--max_pairs 500]
 
 Writes OUTPUT/isd.json (per layer and variant, averaged over heads and pairs; 'mean' over

@@ -1,7 +1,7 @@
 """Heatmaps of the attention IAIS aligns, for one image-text pair.
 
     python scripts/visualize_attention.py --txt_db demo/txt_db/itm_demo_test.db \\
-        --img_db demo/img_db/demo --checkpoint demo/output/ckpt/model_step_400.pt \\
+        --img_db demo/img_db/demo --checkpoint demo/output/ckpt/model_step_2500.pt \\
         --model_config config/uniter-demo.json --txt_id test_demo_000000001100_0 \\
         --output demo/attention.png [--layer -1] [--vocab demo/vocab.json]
 
