@@ -138,6 +138,9 @@ def barrier():
 def shutdown():
     global _backend
     if _backend == "torch":
+        # every rank leaves together: a rank tearing down its gloo pairs while a peer is still
+        # in a collective can abort that peer at exit
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     elif _backend == "horovod":
         _hvd.shutdown()
