@@ -39,7 +39,7 @@ def build_parser():
     add_box_args(p)
     a("--batch_size", type=int, default=400, help="images per forward pass")
     a("--fp16", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
-    a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype")
+    a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype (fp16 is kept even on a CPU)")
     a("--n_workers", type=int, default=4, help="data loader worker processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--IAIS", default=False, choices=["singular", "distributed", False],

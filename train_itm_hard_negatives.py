@@ -62,7 +62,8 @@ def build_parser():
     a("--full_val", action="store_true", help="full R@K evaluation at every validation")
     a("--fp16", action="store_true", help="mixed precision (float16 + loss scaling on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None,
-      help="mixed-precision dtype (default fp16 with --fp16; bf16 enables bfloat16 autocast)")
+      help="mixed-precision dtype: bf16 (no loss scaling) or fp16 (with loss scaling, kept even on a CPU); "
+           "default fp16 with --fp16")
     a("--n_workers", type=int, default=4, help="data loader worker processes per stream")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--config", type=str, default=None, help="JSON config; flags on the command line win")
@@ -163,8 +164,8 @@ def main(opts):
         prepare_output_dir(opts)
     dist.barrier()
     amp_dtype, use_scaler = resolve_amp(opts.fp16, opts.amp_dtype, device)
-    LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s", device, dist.get_world_size(),
-                dist.backend_name(), amp_dtype or "off")
+    LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s%s", device, dist.get_world_size(),
+                dist.backend_name(), amp_dtype or "off", " with loss scaling" if use_scaler else "")
     set_random_seed(opts.seed)
 
     # data and weights are checked before anything is written to output_dir
@@ -263,6 +264,7 @@ def main(opts):
         else:
             grad_norm = torch.norm(torch.stack([g.norm() for g in grads]))
         finite = bool(torch.isfinite(grad_norm))
+        loss_scale = scaler.get_scale() if use_scaler else None
         if use_scaler:
             scaler.step(optimizer)  # skips the update itself when gradients overflowed
             scaler.update()
@@ -271,7 +273,12 @@ def main(opts):
         optimizer.zero_grad(set_to_none=True)
         skipped = 0 if finite else skipped + 1
         if not finite:
-            LOGGER.warning("step %d: non-finite gradients, update skipped (%d in a row)", global_step, skipped)
+            if use_scaler:
+                # dynamic loss scaling starts high on purpose: a few overflows early on are normal
+                LOGGER.warning("step %d: gradients overflowed at loss scale %g, update skipped, loss scale "
+                               "now %g (%d in a row)", global_step, loss_scale, scaler.get_scale(), skipped)
+            else:
+                LOGGER.warning("step %d: non-finite gradients, update skipped (%d in a row)", global_step, skipped)
             tb.add_scalar("skipped_steps", skipped, global_step)
             if skipped >= opts.max_skipped_steps:
                 raise TrainingError(f"{skipped} consecutive steps had non-finite gradients; "

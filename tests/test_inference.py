@@ -45,6 +45,17 @@ def test_horovodrun_two_processes(tmp_path):
     check_outputs(tmp_path / "out")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_precision_scores(tmp_path, dtype):
+    """Autocast really applies (scores move) and costs no more than a few units of the
+    dtype's resolution at the scores' scale."""
+    res = run(inf_args(tmp_path / "out") + ["--amp_dtype", {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]])
+    assert res.returncode == 0, res.stderr
+    scores = torch.load(tmp_path / "out" / "score_matrix.pt", weights_only=True)["scores"]
+    err = (scores - REF["score"]).abs().max().item()
+    assert 0 < err <= 8 * torch.finfo(dtype).eps * REF["score"].abs().max().item()
+
+
 def test_zero_shot_from_pretraining_checkpoint(tmp_path):
     """No rank_output in the checkpoint: scores come from the ITM head (init_output)."""
     res = run(inf_args(tmp_path / "out", os.path.join(FIXTURES, "ref_pretrain.pt")))

@@ -2,6 +2,7 @@
 two processes under both launchers, configuration errors."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -167,8 +168,11 @@ def test_paper_configs_parse_unchanged():
         assert opts.negative_size == 399 and opts.hard_neg_size == 31 and opts.optim == "adamw"
 
 
-@pytest.mark.parametrize("flags,notice", [(["--fp16"], "using bfloat16 autocast"), (["--amp_dtype", "bf16"], "bfloat16")])
-def test_mixed_precision_on_cpu(tmp_path, flags, notice):
+@pytest.mark.parametrize("flags,notice,loss_scaling", [
+    (["--fp16"], "using bfloat16 autocast", False),
+    (["--amp_dtype", "bf16"], "bfloat16", False),
+    (["--amp_dtype", "fp16"], "torch.float16 with loss scaling", True)])
+def test_mixed_precision_on_cpu(tmp_path, flags, notice, loss_scaling):
     cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=2, valid_steps=2)
     out = tmp_path / "out"
     res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(out), "--IAIS", "singular"] + flags)
@@ -176,3 +180,34 @@ def test_mixed_precision_on_cpu(tmp_path, flags, notice):
     assert notice in res.stderr
     assert all(torch.isfinite(v).all() for v in load(out / "ckpt" / "model_step_2.pt").values())
     assert all(0 <= v < 10 for v in scalars(out, "loss_step"))
+    scaler = torch.load(out / "ckpt" / "train_state_2.pt", weights_only=True)["scaler"]
+    if loss_scaling:
+        # GradScaler starts at 2**16 and halves at every overflow
+        assert 1 <= scaler["scale"] <= 2.0 ** 16 and scaler["scale"] in [2.0 ** k for k in range(17)]
+    else:
+        assert scaler == {}
+
+
+def test_resume_with_loss_scaling_is_bit_identical(tmp_path):
+    """float16 training resumed from step 2 ends with the same weights as an uninterrupted
+    run: the loss scale comes back with the optimizer (a fresh scale of 2**16 would
+    overflow and skip a step the uninterrupted run took)."""
+    cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=6, valid_steps=2, learning_rate=1e-3)
+    args = ["train_itm_hard_negatives.py", "--config", cfg, "--IAIS", "singular", "--amp_dtype", "fp16"]
+    ref = tmp_path / "ref"
+    res = run(args + ["--output_dir", str(ref)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "gradients overflowed at loss scale 65536" in res.stderr
+    assert torch.load(ref / "ckpt" / "train_state_2.pt", weights_only=True)["scaler"]["scale"] < 2.0 ** 16
+
+    out = tmp_path / "resumed"
+    shutil.copytree(ref, out)
+    for step in (4, 6):
+        for name in (f"model_step_{step}.pt", f"train_state_{step}.pt"):
+            os.remove(out / "ckpt" / name)
+    res = run(args + ["--output_dir", str(out), "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from" in res.stderr and "overflowed" not in res.stderr
+    a, b = load(ref / "ckpt" / "model_step_6.pt"), load(out / "ckpt" / "model_step_6.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
