@@ -1,6 +1,7 @@
 # make demo   build the synthetic demo data, train a small UNITER with IAIS on it, evaluate
 # make test   run the test suite (installs horovod once, so the horovodrun tests run too)
 # make bench  data-loader, evaluation and training throughput against the plain path
+#             (ORIGINAL=<checkout of lancopku/IAIS>: against the original code too)
 #
 # Everything runs in .venv. On a machine without an NVIDIA GPU the CPU build of torch is
 # installed (no CUDA wheels); with a GPU, PyPI's CUDA build. Override with
@@ -55,7 +56,7 @@ test: $(VENV)/.dev $(VENV)/.horovod
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.dev
-	$(PY) scripts/bench.py --output bench_out/bench.json
+	$(PY) scripts/bench.py --output bench_out/bench.json $(if $(ORIGINAL),--original_repo $(ORIGINAL))
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

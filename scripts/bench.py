@@ -1,8 +1,9 @@
 """Throughput of the hot paths against the project's plain path, measured in one run.
 
     python scripts/bench.py --output bench_out/bench.json        # (make bench)
+    python scripts/bench.py --original_repo ~/src/IAIS           # (make bench ORIGINAL=~/src/IAIS)
 
-CPU workloads (the figures of the original on this machine class are in the README):
+CPU workloads (README: one run of each, this code, the plain path and the original):
   text_side   ItmRankDatasetHardNegFromText, negative_size 399: micro-batches/s
   image_side  ItmRankDatasetHardNegFromImage, negative_size 399: micro-batches/s
   eval        no-grad scoring, 4 layers / 256 hidden / 4 heads, 1 text x 64 images: pairs/s
@@ -12,13 +13,17 @@ The plain path is what the original does: decode every array (soft_labels includ
 convert to float32, pad box by box, eager attention, four IAIS attention passes. Values
 of both paths are compared. With --gpu, UNITER-base scoring and a training step with IAIS
 are measured on the GPU too (bf16 and fp16 autocast), with model FLOP utilisation and
-whether the default 4 loader workers keep up with the training steps.
+whether the default 4 loader workers keep up with the training steps. With
+--original_repo (a checkout of lancopku/IAIS), the original code itself runs the same
+CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates, the
+ratios to them and the differences of its scores and losses from this code's are added.
 """
 import argparse
 import json
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +38,8 @@ from data import (DetectFeatLmdb, ImgDbWriter, ItmRankDatasetHardNegFromImage,  
                   ItmRankDatasetHardNegFromText, TxtTokLmdb, pad_tensors, write_txt_db)
 from data.itm import box_position_features  # noqa: E402
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg  # noqa: E402
+from bench_original import check_checkout  # noqa: E402
+from timing import rate  # noqa: E402
 
 
 def make_bench_db(root, n_images, seed=0):
@@ -70,15 +77,6 @@ class PlainImages:
             poss.append(box_position_features(bb))
             nbbs.append(nbb)
         return pad_tensors(feats, nbbs), pad_tensors(poss, nbbs), nbbs
-
-
-def rate(fn, min_time=3.0, min_iters=3):
-    fn()  # warm-up
-    n, st = 0, time.perf_counter()
-    while n < min_iters or time.perf_counter() - st < min_time:
-        fn()
-        n += 1
-    return n / (time.perf_counter() - st)
 
 
 def open_bench_dbs(root):
@@ -139,19 +137,23 @@ def bench_eval(root, min_time):
     return out
 
 
+def train_loss(model, batch, iais):
+    """The hard-negative ranking loss of a text-side batch, plus the IAIS loss with ``iais``."""
+    result = model(batch, "t", IAIS=f"L-{iais}" if iais else False)
+    return result[0].mean() + result[1]["self_attn_loss"] if iais else result.mean()
+
+
 def bench_train(root, min_time):
     out = {}
     for iais in (False, "singular"):
         batch = text_side_batch(root, 63, seed=1, IAIS=iais, index=3)
-        variant = f"L-{iais}" if iais else False
         losses = {}
         for name, fused in (("fused", True), ("plain", False)):
             model = small_model(fused).train()
 
             def step():
                 model.zero_grad()
-                out_ = model(batch, "t", IAIS=variant)
-                loss = out_[0].mean() + out_[1]["self_attn_loss"] if iais else out_.mean()
+                loss = train_loss(model, batch, iais)
                 loss.backward()
                 return loss
 
@@ -160,6 +162,35 @@ def bench_train(root, min_time):
         key = "iais" if iais else "plain_loss"
         out[f"train_{key}_speedup"] = out[f"train_{key}_fused_steps_per_s"] / out[f"train_{key}_plain_steps_per_s"]
         out[f"train_{key}_loss_diff"] = abs(losses["fused"] - losses["plain"])
+    return out
+
+
+def bench_original(root, original_repo, min_time, results):
+    """Runs the original code on the same DBs and weights in a separate process (its
+    ``data`` and ``model`` packages would clash with this project's)."""
+    work = tempfile.mkdtemp(prefix="iais_bench_original_")
+    weights, scores, output = (join(work, name) for name in ("weights.pt", "scores.pt", "original.json"))
+    torch.save(small_model(True).state_dict(), weights)
+    script = join(dirname(abspath(__file__)), "bench_original.py")
+    res = subprocess.run([sys.executable, script, "--original_repo", original_repo, "--data", root,
+                          "--weights", weights, "--scores", scores, "--output", output,
+                          "--min_time", str(min_time)], capture_output=True, text=True)
+    if res.returncode != 0:
+        lines = res.stderr.strip().splitlines() or ["no output"]
+        raise SystemExit(f"bench.py: error: the original code failed on the benchmark: {lines[-1]}")
+    with open(output) as f:
+        out = json.load(f)
+    original = torch.load(scores, weights_only=True)
+    for name in ("text_side_micro_batches_per_s", "image_side_micro_batches_per_s", "eval_fused_pairs_per_s",
+                 "train_plain_loss_fused_steps_per_s", "train_iais_fused_steps_per_s"):
+        out[f"{name.replace('_fused', '').replace('_per_s', '')}_vs_original"] = (
+            results[name] / out["original_" + name.replace("_fused", "")])
+    with torch.no_grad():
+        ours = small_model(True).eval()(text_side_batch(root, 63, seed=0), "t", compute_loss=False)
+    out["original_eval_max_abs_score_diff"] = (ours - original["eval_scores"]).abs().max().item()
+    for key, iais in (("plain_loss", False), ("iais", "singular")):
+        loss = train_loss(small_model(True).train(), text_side_batch(root, 63, seed=1, IAIS=iais, index=3), iais)
+        out[f"original_train_{key}_loss_diff"] = abs(loss.item() - original[f"train_{key}_loss"].item())
     return out
 
 
@@ -238,10 +269,14 @@ def main():
     p.add_argument("--data", default=None, help="where to build the benchmark DBs (default: a temp dir)")
     p.add_argument("--n_images", type=int, default=600, help="images in the generated img_db")
     p.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
+    p.add_argument("--original_repo", default=None,
+                   help="a checkout of lancopku/IAIS: also run the original code on the CPU workloads")
     p.add_argument("--gpu", action="store_true", help="also measure UNITER-base on the GPU")
     p.add_argument("--peak_tflops", type=float, default=989.0,
                    help="the GPU's dense bf16/fp16 peak for MFU (default: H100 SXM, 989)")
     opts = p.parse_args()
+    if opts.original_repo:
+        check_checkout(opts.original_repo, "bench.py")
     torch.set_num_threads(os.cpu_count())
     root = opts.data or join(tempfile.gettempdir(), "iais_bench_db")
     st = time.time()
@@ -251,6 +286,8 @@ def main():
     results.update(bench_loader(root, opts.min_time))
     results.update(bench_eval(root, opts.min_time))
     results.update(bench_train(root, opts.min_time))
+    if opts.original_repo:
+        results.update(bench_original(root, opts.original_repo, opts.min_time, results))
     if opts.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("bench.py: error: --gpu given but torch sees no CUDA device")

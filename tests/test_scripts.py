@@ -210,3 +210,50 @@ def test_device_benchmark_runs_on_the_cpu():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(batch, compute_loss=False)
     assert forward_flops_per_pair(config, tl, nbb) == counter.get_total_flops()
+
+
+def test_original_benchmark_needs_a_checkout(tmp_path):
+    res = run(["scripts/bench_original.py", "--original_repo", str(tmp_path), "--data", str(tmp_path),
+               "--weights", "w.pt", "--output", str(tmp_path / "o.json")])
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
+    assert "--original_repo" in res.stderr and "data/data.py" in res.stderr
+    assert not (tmp_path / "o.json").exists()
+    res = run(["scripts/bench.py", "--original_repo", str(tmp_path), "--output", str(tmp_path / "b.json")])
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0 and "--original_repo" in res.stderr
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_original_benchmark_stand_ins(tmp_path):
+    """The folder the original is imported from: its modules unchanged (linked), and
+    stand-ins for what it imports but cannot run with today, behaving as those did."""
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from bench_original import ORIGINAL_MODULES, TOOLZ, import_tree
+    checkout = tmp_path / "IAIS"
+    for m in ORIGINAL_MODULES:
+        (checkout / m).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / m).write_text(f"NAME = {m!r}\n")
+    tree = import_tree(str(checkout))
+    for path, text in TOOLZ.items():  # written only where toolz is missing; checked here in any case
+        os.makedirs(os.path.join(tree, os.path.dirname(path)), exist_ok=True)
+        with open(os.path.join(tree, path), "w") as f:
+            f.write(text)
+    probe = f"""
+import sys; sys.path.insert(0, {tree!r})
+import torch
+from apex.normalization.fused_layer_norm import FusedLayerNorm
+import horovod.torch as hvd
+from utils.heatmap import plot_attention_headmap
+from toolz.sandbox import unzip
+from cytoolz import concat, partition_all
+import data.itm, model.layer
+assert data.itm.NAME == "data/itm.py" and model.layer.NAME == "model/layer.py"
+assert FusedLayerNorm is torch.nn.LayerNorm
+hvd.init(); assert (hvd.rank(), hvd.size(), hvd.local_size()) == (0, 1, 1)
+assert plot_attention_headmap(1, x=2) is None
+assert unzip([(1, "a"), (2, "b")]) == ((1, 2), ("a", "b"))
+assert list(concat([[1], [2, 3]])) == [1, 2, 3]
+assert list(partition_all(2, range(5))) == [(0, 1), (2, 3), (4,)]
+"""
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
