@@ -14,9 +14,8 @@ import json
 import os
 from os.path import join
 
-from torch.utils.data import DataLoader
-
-from data import DetectFeatLmdb, ItmEvalDataset, PrefetchLoader, TxtTokLmdb, itm_eval_collate
+from data import (WORKER_TYPES, DetectFeatLmdb, ItmEvalDataset, PrefetchLoader, TxtTokLmdb, itm_eval_collate,
+                  make_loader)
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
 from utils.checkpoint import atomic_save, load_checkpoint
@@ -40,7 +39,8 @@ def build_parser():
     a("--batch_size", type=int, default=400, help="images per forward pass")
     a("--fp16", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype (fp16 is kept even on a CPU)")
-    a("--n_workers", type=int, default=4, help="data loader worker processes")
+    a("--n_workers", type=int, default=4, help="data loader workers (0: in the evaluation loop)")
+    a("--worker_type", choices=WORKER_TYPES, default="thread", help="data loader workers are threads or processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
       help="score in the padded layout IAIS training uses (same scores)")
@@ -77,8 +77,8 @@ def main(opts):
         model.init_output()
     model.to(device).eval()
 
-    loader = PrefetchLoader(DataLoader(dataset, batch_size=1, num_workers=opts.n_workers,
-                                       pin_memory=opts.pin_mem, collate_fn=itm_eval_collate), device)
+    loader = PrefetchLoader(make_loader(dataset, itm_eval_collate, opts.n_workers, opts.pin_mem, opts.worker_type),
+                            device)
     with autocast(device, amp_dtype):
         scores, txt_ids, img_ids = gather_scores(model, loader, opts.IAIS)
     if dist.is_main_process():

@@ -16,12 +16,12 @@ from time import time
 
 import torch
 from torch.nn.utils import clip_grad_norm_
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
-from data import (ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHardNegFromImage,
+from data import (WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHardNegFromImage,
                   ItmRankDatasetHardNegFromText, ItmValDataset, PrefetchLoader, ResumableStream,
-                  TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate)
+                  TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
 from utils.checkpoint import latest_training_state, load_checkpoint, save_model, save_training_state
@@ -64,7 +64,9 @@ def build_parser():
     a("--amp_dtype", choices=["fp16", "bf16"], default=None,
       help="mixed-precision dtype: bf16 (no loss scaling) or fp16 (with loss scaling, kept even on a CPU); "
            "default fp16 with --fp16")
-    a("--n_workers", type=int, default=4, help="data loader worker processes per stream")
+    a("--n_workers", type=int, default=4, help="data loader workers per stream (0: in the training loop)")
+    a("--worker_type", choices=WORKER_TYPES, default="thread",
+      help="data loader workers are threads (default: batches handed over without a copy) or processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--config", type=str, default=None, help="JSON config; flags on the command line win")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
@@ -141,8 +143,7 @@ def build_datasets(opts):
 
 
 def eval_loader(dataset, collate_fn, opts, device):
-    return PrefetchLoader(DataLoader(dataset, batch_size=1, shuffle=False, num_workers=opts.n_workers,
-                                     pin_memory=opts.pin_mem, collate_fn=collate_fn), device)
+    return PrefetchLoader(make_loader(dataset, collate_fn, opts.n_workers, opts.pin_mem, opts.worker_type), device)
 
 
 def hard_batch_loss(model, batch, sample_from, variant, tsa, opts):
@@ -190,7 +191,7 @@ def main(opts):
     # each rank and side shuffles and draws negatives from its own seed
     stream_seed = 2 * (opts.seed * 1000 + dist.get_rank())
     streams = {side: ResumableStream(dsets[side], itm_rank_hn_collate, stream_seed + k,
-                                     opts.n_workers, opts.pin_mem, device)
+                                     opts.n_workers, opts.pin_mem, device, opts.worker_type)
                for k, side in enumerate(("text", "image"))}
     val_loader = eval_loader(dsets["val"], itm_val_collate, opts, device)
     full_val_loader = eval_loader(dsets["val_full"], itm_eval_collate, opts, device)

@@ -4,5 +4,5 @@ from .db import (DataError, DetectFeatLmdb, ImageLmdbGroup, ImgDbWriter, TxtLmdb
 from .itm import (ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText,
                   ItmValDataset, itm_eval_collate, itm_rank_hn_collate, itm_val_collate,
                   sample_negative)
-from .loader import PrefetchLoader, ResumableStream
+from .loader import WORKER_TYPES, PrefetchLoader, ResumableStream, ThreadLoader, make_loader
 from .sampler import TokenBucketSampler

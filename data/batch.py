@@ -1,5 +1,6 @@
 """Padding and layout helpers shared by the ITM datasets."""
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -22,11 +23,14 @@ class RecycledBuffers:
     has is about twice as fast as into fresh ones, which every new allocation of that size
     gets. Whether a buffer is still in use is read off its reference count, so a batch that
     someone keeps (or a view of it, or a tensor made from it) is never written over.
+    Loader threads share one instance: a buffer is handed out under a lock, with the
+    reference that marks it busy already taken.
     """
 
-    def __init__(self, keep=3):
+    def __init__(self, keep=8):
         self.keep = keep
         self._buffers = []
+        self._lock = threading.Lock()
         self._idle_refs = self._probe_idle_refs()
 
     def _refs(self, i):
@@ -40,7 +44,10 @@ class RecycledBuffers:
 
     def empty(self, shape, dtype):
         """An uninitialised array of this shape and dtype, in recycled memory when some is free."""
-        dtype = np.dtype(dtype)
+        with self._lock:
+            return self._empty(shape, np.dtype(dtype))
+
+    def _empty(self, shape, dtype):
         nbytes = int(np.prod(shape)) * dtype.itemsize
         idle = [i for i in range(len(self._buffers)) if self._refs(i) == self._idle_refs]
         fits = [i for i in idle if self._buffers[i].nbytes >= nbytes]

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import struct
+import threading
 from os.path import exists, isdir, join
 
 import lmdb
@@ -51,40 +52,43 @@ def open_readonly(path):
 
 
 _ENVS = {}  # real path -> environment: py-lmdb allows one per file and process
+_ENVS_LOCK = threading.Lock()
 
 
 class ReadOnlyLmdb:
-    """A read transaction begun anew in each process. DataLoader workers either fork (the
-    lock-free read-only environment is inherited and stays valid; only transactions must
-    not cross the fork) or unpickle the dataset (the environment is opened there)."""
+    """Read transactions of one LMDB, one per process and thread. DataLoader worker
+    processes either fork (the lock-free read-only environment is inherited and stays
+    valid; only transactions must not cross the fork) or unpickle the dataset (the
+    environment is opened there); loader threads each read through their own transaction,
+    as LMDB asks, and the values they get stay valid while the thread's transaction lives."""
 
     def __init__(self, path):
         self.path = path
-        self._open()
+        self._txns = {}
+        self._txn()
 
-    def _open(self):
-        self._pid = os.getpid()
-        key = os.path.realpath(self.path)
-        if key not in _ENVS:
-            _ENVS[key] = open_readonly(self.path)
-        self._txn = _ENVS[key].begin(buffers=True)
+    def _txn(self):
+        key = (os.getpid(), threading.get_ident())
+        txn = self._txns.get(key)
+        if txn is None:
+            env_key = os.path.realpath(self.path)
+            with _ENVS_LOCK:
+                if env_key not in _ENVS:
+                    _ENVS[env_key] = open_readonly(self.path)
+            txn = self._txns[key] = _ENVS[env_key].begin(buffers=True)
+        return txn
 
     def get(self, key):
-        if self._pid != os.getpid():
-            self._open()
-        return self._txn.get(key)
+        return self._txn().get(key)
 
     def cursor(self):
-        if self._pid != os.getpid():
-            self._open()
-        return self._txn.cursor()
+        return self._txn().cursor()
 
     def __getstate__(self):
         return {"path": self.path}
 
     def __setstate__(self, state):
-        self.path = state["path"]
-        self._open()
+        self.__init__(state["path"])
 
 
 class _WriteTxn:

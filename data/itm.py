@@ -1,6 +1,8 @@
 """Image-text matching datasets: hard-negative training groups, quick validation and
 full evaluation. Each item is already a batch (DataLoader batch_size=1)."""
+import contextlib
 import random
+import threading
 
 import numpy as np
 import torch
@@ -25,11 +27,27 @@ def _has_overlap(la, lb):
     return any(b in s for b in lb)
 
 
+_draws = threading.local()
+
+
+@contextlib.contextmanager
+def seeded_draws(seed):
+    """The negatives of items built inside are drawn from a generator of their own, seeded
+    with ``seed`` (the same draws as after ``random.seed(seed)``): loader threads must not
+    share the global one. Outside, draws come from the global ``random``, as in the original."""
+    _draws.rng = random.Random(seed)
+    try:
+        yield
+    finally:
+        del _draws.rng
+
+
 def sample_negative(sample_pool, ground_truths, num_sample):
     """``num_sample`` draws from the pool without any ground truth (redrawn until so)."""
+    rng = getattr(_draws, "rng", random)
     outputs = ground_truths[:1]
     while _has_overlap(outputs, ground_truths):
-        outputs = random.sample(sample_pool, num_sample)
+        outputs = rng.sample(sample_pool, num_sample)
     return outputs
 
 

@@ -1,28 +1,76 @@
-"""Moves batches to the device ahead of use (a side CUDA stream on GPU; as-is on CPU)."""
-import random
+"""Loaders: worker threads (default) or processes build batches ahead of use, and batches
+move to the device ahead of use (a side CUDA stream on GPU; as-is on CPU)."""
+import collections
+import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .itm import seeded_draws
 
-def move_to(batch, device, non_blocking=True):
+WORKER_TYPES = ("thread", "process")
+
+
+def map_tensors(batch, fn):
+    """``batch`` with ``fn`` applied to every tensor in it (nested dicts, lists, tuples)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=non_blocking)
+        return fn(batch)
     if isinstance(batch, dict):
-        return {k: move_to(v, device, non_blocking) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(v, device, non_blocking) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
 
 
-def _record_stream(batch, stream):
-    if isinstance(batch, torch.Tensor):
-        batch.record_stream(stream)
-    elif isinstance(batch, dict):
-        for v in batch.values():
-            _record_stream(v, stream)
-    elif isinstance(batch, (list, tuple)):
-        for v in batch:
-            _record_stream(v, stream)
+def move_to(batch, device, non_blocking=True):
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))
+
+
+class ThreadLoader:
+    """``dataset[key]`` for each key of ``keys``, in order, built ahead by ``n_threads``
+    threads of this process (``n_threads + 1`` batches in flight).
+
+    Batches of 100+ MB cost more to hand from a worker process to this one (a copy into
+    fresh shared memory) than to build; threads hand them over for free and reuse their
+    memory (``RecycledBuffers``). The heavy work, LMDB reads and array copies, runs
+    without the GIL."""
+
+    def __init__(self, dataset, keys, collate_fn=None, n_threads=1, pin_memory=False):
+        self.dataset, self.keys, self.collate_fn, self.n_threads = dataset, keys, collate_fn, n_threads
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+
+    def __len__(self):
+        return len(self.keys)
+
+    def _build(self, key):
+        batch = self.dataset[key]
+        if self.collate_fn is not None:
+            batch = self.collate_fn([batch])
+        return map_tensors(batch, torch.Tensor.pin_memory) if self.pin_memory else batch
+
+    def __iter__(self):
+        keys = iter(self.keys)
+        with ThreadPoolExecutor(self.n_threads, thread_name_prefix="loader") as pool:
+            pending = collections.deque(pool.submit(self._build, k) for k in itertools.islice(keys, self.n_threads + 1))
+            try:
+                while pending:
+                    batch = pending.popleft().result()
+                    pending.extend(pool.submit(self._build, k) for k in itertools.islice(keys, 1))
+                    yield batch
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+def make_loader(dataset, collate_fn, n_workers, pin_memory=False, worker_type="thread"):
+    """Batches of ``dataset`` in order (one item each), built by ``n_workers`` workers of
+    ``worker_type`` (``0``: in the calling thread)."""
+    if n_workers > 0 and worker_type == "thread":
+        return ThreadLoader(dataset, range(len(dataset)), collate_fn, n_workers, pin_memory)
+    # a private generator: a pass must not draw from the global torch RNG (dropout), so
+    # that the kind and number of workers changes no number
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=n_workers,
+                                       pin_memory=pin_memory, collate_fn=collate_fn, generator=torch.Generator())
 
 
 class PrefetchLoader:
@@ -50,7 +98,7 @@ class PrefetchLoader:
             if current is not None:
                 yield current
             torch.cuda.current_stream(self.device).wait_stream(stream)
-            _record_stream(nxt, torch.cuda.current_stream(self.device))
+            map_tensors(nxt, lambda t: t.record_stream(torch.cuda.current_stream(self.device)))
             current = nxt
         if current is not None:
             yield current
@@ -75,8 +123,8 @@ class _EpochSampler(torch.utils.data.Sampler):
 
 
 class _SeededItems(torch.utils.data.Dataset):
-    """Seeds ``random`` from (seed, epoch, position) before each item, so the negatives an
-    item draws do not depend on worker count or on where a run was resumed."""
+    """Draws each item's negatives from a generator seeded by (seed, epoch, position), so
+    that they do not depend on the number or kind of workers or on where a run resumed."""
 
     def __init__(self, dataset, seed):
         self.dataset, self.seed = dataset, seed
@@ -86,8 +134,8 @@ class _SeededItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, pos, index = key
-        random.seed(f"{self.seed}:{epoch}:{pos}")
-        return self.dataset[index]
+        with seeded_draws(f"{self.seed}:{epoch}:{pos}"):
+            return self.dataset[index]
 
 
 class ResumableStream:
@@ -95,18 +143,23 @@ class ResumableStream:
     restored (``state_dict``/``load_state_dict``): epoch e's order depends only on
     (seed, e), so a resumed run sees exactly the batches the uninterrupted one would."""
 
-    def __init__(self, dataset, collate_fn, seed, n_workers=0, pin_memory=False, device=None):
+    def __init__(self, dataset, collate_fn, seed, n_workers=0, pin_memory=False, device=None,
+                 worker_type="thread"):
         self.dataset, self.collate_fn, self.seed = dataset, collate_fn, seed
         self.n_workers, self.pin_memory, self.device = n_workers, pin_memory, device
+        self.worker_type = worker_type
         self.epoch, self.pos, self._it = 0, 0, None
 
     def _start(self):
-        loader = torch.utils.data.DataLoader(
-            _SeededItems(self.dataset, self.seed), batch_size=None,
-            sampler=_EpochSampler(len(self.dataset), self.seed, self.epoch, self.pos),
-            num_workers=self.n_workers, pin_memory=self.pin_memory,
-            # a private generator keeps worker seeding off the global torch RNG (dropout)
-            generator=torch.Generator().manual_seed(self.seed))
+        items = _SeededItems(self.dataset, self.seed)
+        order = _EpochSampler(len(self.dataset), self.seed, self.epoch, self.pos)
+        if self.n_workers > 0 and self.worker_type == "thread":
+            loader = ThreadLoader(items, order, None, self.n_workers, self.pin_memory)
+        else:
+            loader = torch.utils.data.DataLoader(
+                items, batch_size=None, sampler=order, num_workers=self.n_workers, pin_memory=self.pin_memory,
+                # a private generator keeps worker seeding off the global torch RNG (dropout)
+                generator=torch.Generator().manual_seed(self.seed))
         self._it = iter(PrefetchLoader(loader, self.device))
 
     def __next__(self):

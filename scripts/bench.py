@@ -19,6 +19,7 @@ CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates
 ratios to them and the differences of its scores and losses from this code's are added.
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -34,8 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import (DetectFeatLmdb, ImgDbWriter, ItmRankDatasetHardNegFromImage,  # noqa: E402
-                  ItmRankDatasetHardNegFromText, TxtTokLmdb, pad_tensors, write_txt_db)
+from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmRankDatasetHardNegFromImage,  # noqa: E402
+                  ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb, itm_rank_hn_collate, pad_tensors,
+                  write_txt_db)
 from data.itm import box_position_features  # noqa: E402
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg  # noqa: E402
 from bench_original import check_checkout  # noqa: E402
@@ -100,6 +102,51 @@ def bench_loader(root, min_time):
         "image_side_micro_batches_per_s": rate(lambda: image_side[next(it) % len(image_side)], min_time),
     }
     out["text_side_speedup"] = out["text_side_micro_batches_per_s"] / out["text_side_plain_micro_batches_per_s"]
+    return out
+
+
+def fed_loop(stream, step, min_time):
+    """(micro-steps/s of ``step(batch)`` fed by ``stream``, fraction of the time spent
+    waiting for a batch)."""
+    for _ in range(3):
+        step(next(stream))
+    waited, n, st = 0.0, 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - st < min_time:
+        t = time.perf_counter()
+        batch = next(stream)
+        waited += time.perf_counter() - t
+        step(batch)
+        n += 1
+    elapsed = time.perf_counter() - st
+    return n / elapsed, waited / elapsed
+
+
+def gpu_like_step(batch, dispatch_ops=500, device_s=0.01):
+    """What a training micro-step leaves the CPU to do on a GPU: the training loop's thread
+    dispatches kernels (many small torch calls), then waits for the device."""
+    x = torch.zeros(8)
+    for _ in range(dispatch_ops):
+        x = x + 1
+    time.sleep(device_s)
+
+
+def bench_streams(root, min_time, n_workers=4):
+    """Text-side micro-batches/s as the training loop receives them from a training stream
+    with ``n_workers`` loader threads (the default) or processes: drawn as fast as they
+    come, and feeding a loop that behaves like GPU training (``gpu_like_step``)."""
+    txt, img = open_bench_dbs(root)
+    text_side = ItmRankDatasetHardNegFromText(txt, img, 399)
+    with torch.no_grad():
+        alone, _ = fed_loop(itertools.repeat(None), gpu_like_step, min_time)
+    out = {"gpu_like_loop_unfed_micro_steps_per_s": alone}
+    for kind in WORKER_TYPES:
+        stream = ResumableStream(text_side, itm_rank_hn_collate, 0, n_workers, worker_type=kind)
+        tag = f"stream_{n_workers}_{kind}_workers"
+        out[f"{tag}_micro_batches_per_s"] = rate(lambda: next(stream), min_time)
+        steps, waiting = fed_loop(stream, gpu_like_step, min_time)
+        out[f"{tag}_gpu_like_loop_micro_steps_per_s"] = steps
+        out[f"{tag}_gpu_like_loop_waiting"] = waiting
+        stream = None  # its workers stop before the next kind's start
     return out
 
 
@@ -206,11 +253,11 @@ def forward_flops_per_pair(config, txt_len, num_bb, img_dim=2048):
 
 
 def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60, peak_tflops=None,
-                 loader_rate=None, n_workers=4):
+                 stream=None):
     """UNITER scoring (``n`` pairs, no grad) and a hard-negative training step with IAIS
     (score ``n``, train ``hard`` + 1) on ``device`` under bf16 and fp16 autocast, with model
-    FLOP utilisation when ``peak_tflops`` is given, and whether ``n_workers`` loader
-    processes at ``loader_rate`` micro-batches/s each keep up with the training steps."""
+    FLOP utilisation when ``peak_tflops`` is given; with a text-side IAIS training ``stream``
+    (batches on ``device``), the bf16 training step fed by it and how long it waits for it."""
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(0)
@@ -252,12 +299,22 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
             out[f"train_iais_{tag}_steps_per_s"] = rate(train_step, min_time)
             if peak_tflops:
                 out[f"score_{tag}_mfu"] = pairs_per_s * flops / (peak_tflops * 1e12)
-    if loader_rate:
-        # one training micro-step needs a text-side and an image-side micro-batch; the
-        # text side is the heavy one
-        steps = max(v for k, v in out.items() if k.startswith("train_iais_"))
-        out["loader_text_side_per_s_with_workers"] = loader_rate * n_workers
-        out["loader_keeps_up"] = loader_rate * n_workers >= steps
+    if stream is not None:
+        torch.manual_seed(0)
+        model = use_fast_paths(UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard), True, 32)
+        model = model.to(device).train()
+
+        def fed_step(fed_batch):
+            model.zero_grad()
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                rank_loss, losses = model(fed_batch, "t", IAIS="L-singular")
+                loss = rank_loss.mean() + losses["self_attn_loss"]
+            loss.backward()
+            loss.item()  # the training loop logs the loss: one wait for the device per step
+
+        steps, waiting = fed_loop(stream, fed_step, min_time)
+        out["fed_train_iais_bf16_steps_per_s"] = steps
+        out["fed_train_waiting_for_loader"] = waiting
     if device.type == "cuda":
         out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return {f"device_{k}": v for k, v in out.items()}
@@ -284,6 +341,7 @@ def main():
     results = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
                "db_build_s": time.time() - st}
     results.update(bench_loader(root, opts.min_time))
+    results.update(bench_streams(root, opts.min_time))
     results.update(bench_eval(root, opts.min_time))
     results.update(bench_train(root, opts.min_time))
     if opts.original_repo:
@@ -292,8 +350,12 @@ def main():
         if not torch.cuda.is_available():
             raise SystemExit("bench.py: error: --gpu given but torch sees no CUDA device")
         config = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))
+        txt, img = open_bench_dbs(root)
+        # as the paper configs train: 4 loader threads (the default kind), batches pinned and copied ahead
+        stream = ResumableStream(ItmRankDatasetHardNegFromText(txt, img, 399, IAIS="singular"), itm_rank_hn_collate,
+                                 0, n_workers=4, pin_memory=True, device=torch.device("cuda"))
         results.update(bench_device(torch.device("cuda"), config, opts.min_time, peak_tflops=opts.peak_tflops,
-                                    loader_rate=results["text_side_micro_batches_per_s"]))
+                                    stream=stream))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
     with open(opts.output, "w") as f:

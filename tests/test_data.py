@@ -5,6 +5,7 @@ import os
 import random
 import shutil
 import stat
+import sys
 
 import msgpack
 import msgpack_numpy
@@ -342,6 +343,111 @@ def test_resumable_stream_continues_where_it_stopped(txt_db, img_db):
     assert state == {"epoch": 1, "pos": 10}
     for e in expected:
         assert torch.equal(next(b)["img_feat"], e)
+
+
+def _stream_batches(ds, n, **kwargs):
+    from data import ResumableStream, itm_rank_hn_collate
+    stream = ResumableStream(ds, itm_rank_hn_collate, seed=5, **kwargs)
+    return [{k: v.clone() for k, v in next(stream).items()} for _ in range(n)], stream.state_dict()
+
+
+@pytest.mark.parametrize("iais", [False, True], ids=["compact", "iais"])
+def test_stream_batches_do_not_depend_on_the_workers(txt_db, img_db, iais):
+    """In the training loop, in 3 threads or in 2 processes: the same batches, negatives
+    included, in the same order, across an epoch boundary (60 captions)."""
+    ds = ItmRankDatasetHardNegFromText(txt_db, img_db, 7, IAIS=iais)
+    random.seed(123)
+    before = random.getstate()
+    inline, state = _stream_batches(ds, 65)
+    assert random.getstate() == before  # the global generator is left alone
+    for kwargs in ({"n_workers": 3, "worker_type": "thread"}, {"n_workers": 2, "worker_type": "process"}):
+        batches, other_state = _stream_batches(ds, 65, **kwargs)
+        assert other_state == state == {"epoch": 1, "pos": 5}
+        for a, b in zip(inline, batches):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kwargs
+
+
+def test_seeded_draws_equal_the_global_generator_seeded_alike():
+    from data.itm import sample_negative, seeded_draws
+    pool = list(range(1000))
+    random.seed("7:0:3")
+    expected = sample_negative(pool, [5], 20)
+    random.seed(0)
+    with seeded_draws("7:0:3"):
+        assert sample_negative(pool, [5], 20) == expected
+    assert sample_negative(pool, [5], 20) == random.Random(0).sample(pool, 20)  # global again outside
+
+
+def test_thread_loader_order_errors_and_eval_batches(txt_db, img_db):
+    from data import ThreadLoader, itm_eval_collate, make_loader
+
+    class Slow:
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            import time
+            time.sleep(0.02 * ((7 * i) % 5))  # later items often finish first
+            if i == 9:
+                raise DataError("item 9 is broken")
+            return torch.tensor([i])
+
+    got = []
+    with pytest.raises(DataError, match="item 9 is broken"):
+        for batch in ThreadLoader(Slow(), range(12), None, n_threads=4):
+            got.append(int(batch))
+    assert got == list(range(9))
+    ds = ItmEvalDataset(txt_db, img_db, 8)
+    threads = list(make_loader(ds, itm_eval_collate, 2, worker_type="thread"))
+    inline = list(make_loader(ds, itm_eval_collate, 0))
+    assert len(threads) == len(inline) == len(ds)
+    for a, b in zip(threads, inline):
+        for x, y in zip(a, b):
+            assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_recycled_buffers_shared_by_threads_hand_out_each_buffer_once():
+    import threading
+    from data.batch import RecycledBuffers
+    pool = RecycledBuffers(keep=4)
+    errors, start = [], threading.Barrier(6)
+
+    def work(tag):
+        start.wait()
+        for _ in range(200):
+            held = pool.empty((64, 256), np.int32)
+            held.fill(tag)
+            if not (held == tag).all():
+                errors.append(tag)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, or a race would rarely show
+    try:
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(pool._buffers) == 4
+
+
+def test_each_thread_reads_through_its_own_transaction(txt_db, img_db):
+    import threading
+    txns, feats = {}, {}
+
+    def read(tag):
+        txns[tag] = img_db.txn._txn()
+        feats[tag] = img_db["flickr30k_000000000007.npz"][0].clone()
+
+    threads = [threading.Thread(target=read, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert txns[0] is not txns[1] and txns[0] is not img_db.txn._txn()
+    assert torch.equal(feats[0], feats[1]) and torch.equal(feats[0], img_db["flickr30k_000000000007.npz"][0])
 
 
 def test_layout_masks_and_gather_index_by_hand():

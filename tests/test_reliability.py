@@ -80,9 +80,10 @@ def test_txt_db_img_db_mismatch(tmp_path):
                           "12 image(s)", "are not in", "flickr30k_0000000000")
 
 
-def test_corrupt_lmdb_value_through_a_worker(tmp_path):
+@pytest.mark.parametrize("worker_type", ["thread", "process"])
+def test_corrupt_lmdb_value_through_a_worker(tmp_path, worker_type):
     img = img_db_with_corrupt_value(tmp_path / "img", "flickr30k_000000000007.npz")
-    res = inf(tmp_path / "out", **{"--img_db": img, "--n_workers": "1"})
+    res = inf(tmp_path / "out", **{"--img_db": img, "--n_workers": "2", "--worker_type": worker_type})
     assert_one_line_error(res, "corrupt value for key 'flickr30k_000000000007.npz'")
 
 

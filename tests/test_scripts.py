@@ -183,22 +183,27 @@ def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
             assert false_there >= 4, (this, other)
 
 
-def test_device_benchmark_runs_on_the_cpu():
+def test_device_benchmark_runs_on_the_cpu(tmp_path):
     """The GPU benchmark's code path (scoring, training with IAIS, MFU, loader check) on
     the CPU with a tiny model, and its FLOPs per pair."""
     import sys
     import torch
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench import bench_device, forward_flops_per_pair
+    from bench import bench_device, forward_flops_per_pair, make_bench_db, open_bench_dbs
     from conftest import TINY_CONFIG
+    from data import ItmRankDatasetHardNegFromText, ResumableStream, itm_rank_hn_collate
     from model import UniterConfig
     config = UniterConfig.from_json_file(TINY_CONFIG)
+    config.vocab_size = 28996  # the bench DB's captions use the whole cased BERT vocabulary
+    make_bench_db(str(tmp_path), 24)
+    stream = ResumableStream(ItmRankDatasetHardNegFromText(*open_bench_dbs(str(tmp_path)), 7, IAIS="singular"),
+                             itm_rank_hn_collate, 0, n_workers=2, device=torch.device("cpu"))
     out = bench_device(torch.device("cpu"), config, 0.0, n=8, hard=3, txt_len=6, num_bb=10,
-                       peak_tflops=1.0, loader_rate=1e6)
+                       peak_tflops=1.0, stream=stream)
     for tag in ("bf16_fused", "bf16_plain", "fp16_fused", "fp16_plain"):
         assert out[f"device_score_{tag}_pairs_per_s"] > 0 and out[f"device_train_iais_{tag}_steps_per_s"] > 0
         assert 0 < out[f"device_score_{tag}_mfu"] < 1
-    assert out["device_loader_keeps_up"] is True
+    assert out["device_fed_train_iais_bf16_steps_per_s"] > 0 and 0 <= out["device_fed_train_waiting_for_loader"] < 1
     # FLOPs per pair against torch's FLOP counter on the eager path (which counts attention)
     from torch.utils.flop_counter import FlopCounterMode
     from model import UniterForImageTextRetrieval

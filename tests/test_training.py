@@ -110,6 +110,26 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+def test_loader_workers_change_no_number(tmp_path):
+    """Training with dropout and a validation pass in between, with 2 loader threads or 2
+    processes, ends with the weights and scores of the run that builds every batch in the
+    training loop (no loader draws from the RNG that dropout uses)."""
+    cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=4, valid_steps=2, dropout=0.1)
+    outs = {}
+    for workers, kind in (("0", "thread"), ("2", "thread"), ("2", "process")):
+        out = outs[workers, kind] = tmp_path / f"{kind}{workers}"
+        res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(out),
+                   "--IAIS", "singular", "--n_workers", workers, "--worker_type", kind])
+        assert res.returncode == 0, res.stderr[-3000:]
+    inline = outs.pop(("0", "thread"))
+    ref = load(inline / "ckpt" / "model_step_4.pt")
+    for out in outs.values():
+        weights = load(out / "ckpt" / "model_step_4.pt")
+        assert all(torch.equal(ref[k], weights[k]) for k in ref), out.name
+        for tag in ("valid/recall_1", "valid/recall_5", "loss_step"):
+            assert scalars(inline, tag) == scalars(out, tag), (out.name, tag)
+
+
 @pytest.mark.parametrize("launcher", ["torchrun", "horovodrun"])
 def test_two_processes_keep_identical_parameters(tmp_path, launcher):
     if launcher == "horovodrun" and not horovod_available():
