@@ -25,8 +25,10 @@ def check_outputs(out):
     torch.testing.assert_close(saved["scores"], REF["score"], rtol=0, atol=1e-5)
 
 
-def test_single_process(tmp_path):
-    res = run(inf_args(tmp_path / "out"))
+@pytest.mark.parametrize("workers", [["--n_workers", "0"], ["--n_workers", "2", "--worker_type", "thread"]],
+                         ids=["in-loop", "threads"])
+def test_single_process(tmp_path, workers):
+    res = run(inf_args(tmp_path / "out") + workers)
     assert res.returncode == 0, res.stderr
     check_outputs(tmp_path / "out")
     assert "image retrieval" in res.stdout and "51.67" in res.stdout
