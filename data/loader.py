@@ -38,6 +38,13 @@ class ThreadLoader:
     def __init__(self, dataset, keys, collate_fn=None, n_threads=1, pin_memory=False):
         self.dataset, self.keys, self.collate_fn, self.n_threads = dataset, keys, collate_fn, n_threads
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        # the current CUDA device is per thread: pinning from a thread still on device 0
+        # would open a context there for every rank of the node
+        self.cuda_device = torch.cuda.current_device() if self.pin_memory else None
+
+    def _start_thread(self):
+        if self.cuda_device is not None:
+            torch.cuda.set_device(self.cuda_device)
 
     def __len__(self):
         return len(self.keys)
@@ -50,7 +57,7 @@ class ThreadLoader:
 
     def __iter__(self):
         keys = iter(self.keys)
-        with ThreadPoolExecutor(self.n_threads, thread_name_prefix="loader") as pool:
+        with ThreadPoolExecutor(self.n_threads, thread_name_prefix="loader", initializer=self._start_thread) as pool:
             pending = collections.deque(pool.submit(self._build, k) for k in itertools.islice(keys, self.n_threads + 1))
             try:
                 while pending:

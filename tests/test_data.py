@@ -406,6 +406,25 @@ def test_thread_loader_order_errors_and_eval_batches(txt_db, img_db):
             assert all(torch.equal(x[k], y[k]) for k in x)
 
 
+def test_pinning_threads_use_the_ranks_device(monkeypatch):
+    """Loader threads pin on the device of the rank that started them (CUDA's current
+    device is per thread), checked with CUDA calls recorded instead of made."""
+    import threading
+    from data import ThreadLoader
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set", d, threading.get_ident())))
+    monkeypatch.setattr(torch.Tensor, "pin_memory",
+                        lambda t: calls.append(("pin", None, threading.get_ident())) or t.clone())
+    batches = list(ThreadLoader([torch.tensor([i]) for i in range(6)], range(6), None, 2, pin_memory=True))
+    assert [int(b) for b in batches] == list(range(6))
+    set_in = {tid for op, d, tid in calls if op == "set" and d == 3}
+    pinned_in = {tid for op, _, tid in calls if op == "pin"}
+    assert pinned_in and pinned_in <= set_in and threading.get_ident() not in set_in
+    assert all(calls[[c[2] for c in calls].index(tid)][0] == "set" for tid in pinned_in)  # set before pinning
+
+
 def test_recycled_buffers_shared_by_threads_hand_out_each_buffer_once():
     import threading
     from data.batch import RecycledBuffers
