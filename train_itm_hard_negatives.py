@@ -211,6 +211,8 @@ def main(opts):
         LOGGER.info("resumed from %s at step %d", state_path, global_step)
 
     n_params = sum(p.numel() for p in model.parameters())
+    LOGGER.info("data loader: %s", f"{opts.n_workers} worker {opts.worker_type}(s) per stream"
+                if opts.n_workers > 0 else "batches built in the training loop")
     LOGGER.info("training %d parameters on %d positives per side, %d steps, IAIS: %s", n_params,
                 sum(dist.all_gather_object(len(dsets["text"]))), opts.num_train_steps, opts.IAIS or "off")
 
