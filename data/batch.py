@@ -16,6 +16,17 @@ def pad_tensors(tensors, lens=None, pad=0):
     return out
 
 
+def shared_across_batches(tensor):
+    """Marks a tensor that many batches hold (the image side of an evaluation mini-batch):
+    loaders move it to the device once per pass and never pin a copy of it."""
+    tensor.shared_across_batches = True
+    return tensor
+
+
+def is_shared_across_batches(tensor):
+    return getattr(tensor, "shared_across_batches", False)
+
+
 class RecycledBuffers:
     """Memory for large padded batches, used again once nothing refers to a batch any more.
 

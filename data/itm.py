@@ -6,11 +6,12 @@ import threading
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from utils.distributed import get_rank, get_world_size
 
-from .batch import RecycledBuffers, compact_attn_masks, get_gather_index, padded_layout_masks
+from .batch import (RecycledBuffers, compact_attn_masks, get_gather_index, padded_layout_masks,
+                    shared_across_batches)
 from .db import DataError, DetectFeatLmdb, TxtTokLmdb
 
 
@@ -85,13 +86,14 @@ class DetectFeatTxtTokDataset(Dataset):
         feat, norm_bb = self.img_db[fname]
         return feat, box_position_features(norm_bb), feat.size(0)
 
-    def _get_img_feats(self, fnames):
+    def _get_img_feats(self, fnames, recycle=True):
         """Features of several images padded into one tensor:
         (img_feat [n, max_nbb, D] as stored, img_pos_feat [n, max_nbb, 7] float32, num_bbs)."""
         arrays = [self.img_db.read_arrays(f) for f in fnames]
         num_bbs = [a["features"].shape[0] for a in arrays]
         n, max_nbb = len(fnames), max(num_bbs)
-        feat = self._feat_buffers.empty((n, max_nbb, arrays[0]["features"].shape[1]), arrays[0]["features"].dtype)
+        shape, dtype = (n, max_nbb, arrays[0]["features"].shape[1]), arrays[0]["features"].dtype
+        feat = self._feat_buffers.empty(shape, dtype) if recycle else np.empty(shape, dtype)
         bb = np.zeros((n, max_nbb, 6), dtype=np.float32)
         for i, (a, nbb) in enumerate(zip(arrays, num_bbs)):
             feat[i, :nbb] = a["features"]
@@ -211,13 +213,13 @@ class ItmValDataset(DetectFeatTxtTokDataset):
         gt_img, neg_imgs = self._get_batch_ids(i)
         return self.get_batch(i, [gt_img] + neg_imgs)
 
-    def get_batch(self, i, img_ids):
-        """Caption i against ``img_ids``."""
+    def get_batch(self, i, img_ids, image_side=None):
+        """Caption i against ``img_ids`` (whose ``_get_img_feats`` may be given as ``image_side``)."""
         input_ids = self.txt_db.combine_inputs(self.txt_db[self.ids[i]]["input_ids"])
         tl = input_ids.size(0)
         input_ids = input_ids.unsqueeze(0).expand(len(img_ids), -1).clone()
         position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
-        img_feat, img_pos_feat, num_bbs = self._get_img_feats(img_ids)
+        img_feat, img_pos_feat, num_bbs = image_side or self._get_img_feats(img_ids)
         txt_lens = [tl] * len(img_ids)
         if self.IAIS:
             return _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, True)
@@ -229,6 +231,29 @@ def itm_val_collate(inputs):
     return inputs[0]
 
 
+class _ImageSides:
+    """The image side of each evaluation mini-batch, built once per process: it is the same
+    for every caption. Not kept in worker processes, which hand every batch over by copy."""
+
+    def __init__(self):
+        self._built, self._lock = {}, threading.Lock()
+
+    def get(self, key, build):
+        if get_worker_info() is not None:
+            return build()
+        with self._lock:
+            if key not in self._built:
+                img_feat, img_pos_feat, num_bbs = build()
+                self._built[key] = (shared_across_batches(img_feat), shared_across_batches(img_pos_feat), num_bbs)
+            return self._built[key]
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
 class ItmEvalDataset(ItmValDataset):
     """Full evaluation: each caption against every image of the split, images sorted by
     box count and cut into mini-batches of ``mini_batch_size``."""
@@ -236,10 +261,16 @@ class ItmEvalDataset(ItmValDataset):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.all_img_ids = sorted(self.all_img_ids, key=lambda i: self.img_db.name2nbb[i])
+        self._image_sides = _ImageSides()
 
     def __getitem__(self, i):
-        return [self.get_batch(i, self.all_img_ids[st:st + self.bs])
-                for st in range(0, len(self.all_img_ids), self.bs)]
+        batches = []
+        for st in range(0, len(self.all_img_ids), self.bs):
+            img_ids = self.all_img_ids[st:st + self.bs]
+            # not in recycled memory: these stay for the whole pass
+            image_side = self._image_sides.get(st, lambda: self._get_img_feats(img_ids, recycle=False))
+            batches.append(self.get_batch(i, img_ids, image_side))
+        return batches
 
 
 itm_eval_collate = itm_val_collate

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from .batch import is_shared_across_batches
 from .itm import seeded_draws
 
 WORKER_TYPES = ("thread", "process")
@@ -22,8 +23,22 @@ def map_tensors(batch, fn):
     return batch
 
 
-def move_to(batch, device, non_blocking=True):
-    return map_tensors(batch, lambda t: t.to(device, non_blocking=non_blocking))
+class _Uploader:
+    """Moves batches to ``device``; a tensor shared across batches is moved once and its
+    device copy handed out again (kept with the host tensor, so its id stays its own)."""
+
+    def __init__(self, device):
+        self.device, self._copies = device, {}
+
+    def _to_device(self, t):
+        if not is_shared_across_batches(t):
+            return t.to(self.device, non_blocking=True)
+        if id(t) not in self._copies:
+            self._copies[id(t)] = (t, t.to(self.device, non_blocking=True))
+        return self._copies[id(t)][1]
+
+    def __call__(self, batch):
+        return map_tensors(batch, self._to_device)
 
 
 class ThreadLoader:
@@ -53,7 +68,9 @@ class ThreadLoader:
         batch = self.dataset[key]
         if self.collate_fn is not None:
             batch = self.collate_fn([batch])
-        return map_tensors(batch, torch.Tensor.pin_memory) if self.pin_memory else batch
+        if not self.pin_memory:
+            return batch
+        return map_tensors(batch, lambda t: t if is_shared_across_batches(t) else t.pin_memory())
 
     def __iter__(self):
         keys = iter(self.keys)
@@ -98,10 +115,11 @@ class PrefetchLoader:
             yield from self.loader
             return
         stream = torch.cuda.Stream(self.device)
+        upload = _Uploader(self.device)
         current = None
         for batch in self.loader:
             with torch.cuda.stream(stream):
-                nxt = move_to(batch, self.device)
+                nxt = upload(batch)
             if current is not None:
                 yield current
             torch.cuda.current_stream(self.device).wait_stream(stream)

@@ -84,7 +84,7 @@ def main():
     sys.path.insert(0, import_tree(opts.original_repo))
     import torch
     from data.data import DetectFeatLmdb, TxtTokLmdb
-    from data.itm import ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
+    from data.itm import ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
     from model.itm import UniterForImageTextRetrievalHardNeg
     from model.model import UniterConfig
 
@@ -98,6 +98,8 @@ def main():
                                                           opts.min_time),
            "original_image_side_micro_batches_per_s": rate(lambda: image_side[next(it) % len(image_side)],
                                                            opts.min_time)}
+    full = ItmEvalDataset(txt, img, 400)
+    out["original_eval_items_per_s"] = rate(lambda: full[next(it) % len(full)], opts.min_time)
 
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)

@@ -398,12 +398,40 @@ def test_thread_loader_order_errors_and_eval_batches(txt_db, img_db):
             got.append(int(batch))
     assert got == list(range(9))
     ds = ItmEvalDataset(txt_db, img_db, 8)
-    threads = list(make_loader(ds, itm_eval_collate, 2, worker_type="thread"))
     inline = list(make_loader(ds, itm_eval_collate, 0))
-    assert len(threads) == len(inline) == len(ds)
-    for a, b in zip(threads, inline):
-        for x, y in zip(a, b):
-            assert all(torch.equal(x[k], y[k]) for k in x)
+    assert len(inline) == len(ds)
+    for kind in ("thread", "process"):
+        other = list(make_loader(ds, itm_eval_collate, 2, worker_type=kind))
+        assert len(other) == len(inline)
+        for a, b in zip(other, inline):
+            for x, y in zip(a, b):
+                assert all(torch.equal(x[k], y[k]) for k in x), kind
+
+
+def test_eval_image_sides_are_built_once_and_marked(txt_db, img_db):
+    """Every caption's mini-batch j holds the same image tensors, equal to a fresh build."""
+    from data.batch import is_shared_across_batches
+    ds = ItmEvalDataset(txt_db, img_db, 8)
+    first, second = ds[0], ds[5]
+    assert len(first) == 2  # 12 images in mini-batches of 8
+    for j, (a, b) in enumerate(zip(first, second)):
+        for k in ("img_feat", "img_pos_feat"):
+            assert a[k] is b[k] and is_shared_across_batches(a[k])
+        fresh = ds.get_batch(5, ds.all_img_ids[8 * j:8 * j + 8])
+        assert fresh.keys() == b.keys() and all(torch.equal(fresh[k], b[k]) for k in b)
+        assert not is_shared_across_batches(fresh["img_feat"])
+    text_side = [v for k, v in first[0].items() if k not in ("img_feat", "img_pos_feat")]
+    assert not any(map(is_shared_across_batches, text_side))
+
+
+def test_shared_tensors_move_to_the_device_once():
+    from data.batch import shared_across_batches
+    from data.loader import _Uploader
+    upload = _Uploader(torch.device("meta"))  # a device whose copies are new objects, on any machine
+    shared, own = shared_across_batches(torch.ones(4)), torch.ones(4)
+    a, b = upload({"x": shared, "y": own}), upload([shared, own])
+    assert a["x"] is b[0] and a["x"].device.type == "meta"
+    assert a["y"] is not b[1] and b[1].device.type == "meta"
 
 
 def test_pinning_threads_use_the_ranks_device(monkeypatch):
@@ -417,8 +445,12 @@ def test_pinning_threads_use_the_ranks_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set", d, threading.get_ident())))
     monkeypatch.setattr(torch.Tensor, "pin_memory",
                         lambda t: calls.append(("pin", None, threading.get_ident())) or t.clone())
-    batches = list(ThreadLoader([torch.tensor([i]) for i in range(6)], range(6), None, 2, pin_memory=True))
-    assert [int(b) for b in batches] == list(range(6))
+    from data.batch import shared_across_batches
+    shared = shared_across_batches(torch.tensor([-1]))
+    batches = list(ThreadLoader([(torch.tensor([i]), shared) for i in range(6)], range(6), None, 2,
+                                pin_memory=True))
+    assert [int(b[0]) for b in batches] == list(range(6))
+    assert all(b[1] is shared for b in batches)  # moved to the device once, never pinned
     set_in = {tid for op, d, tid in calls if op == "set" and d == 3}
     pinned_in = {tid for op, _, tid in calls if op == "pin"}
     assert pinned_in and pinned_in <= set_in and threading.get_ident() not in set_in
