@@ -16,7 +16,7 @@ The plain path is what the original does: decode every array (soft_labels includ
 convert to float32, pad box by box, eager attention, four IAIS attention passes. Values
 of both paths are compared. With --gpu, UNITER-base scoring and a training step with IAIS
 are measured on the GPU too (bf16 and fp16 autocast), with model FLOP utilisation and
-whether the default 4 loader workers keep up with the training steps. With
+the training step fed by a real text-side stream (how long it waits for batches). With
 --original_repo (a checkout of lancopku/IAIS), the original code itself runs the same
 CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates, the
 ratios to them and the differences of its scores and losses from this code's are added.
@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,  # noqa: E402
-                  ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb, itm_rank_hn_collate, pad_tensors,
-                  write_txt_db)
+                  ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb,
+                  itm_rank_hn_collate, pad_tensors, write_txt_db)
 from data.itm import box_position_features  # noqa: E402
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg  # noqa: E402
 from bench_original import check_checkout  # noqa: E402
@@ -148,8 +148,7 @@ def bench_streams(root, min_time, n_workers=4):
     come, and feeding a loop that behaves like GPU training (``gpu_like_step``)."""
     txt, img = open_bench_dbs(root)
     text_side = ItmRankDatasetHardNegFromText(txt, img, 399)
-    with torch.no_grad():
-        alone, _ = fed_loop(itertools.repeat(None), gpu_like_step, min_time)
+    alone, _ = fed_loop(itertools.repeat(None), gpu_like_step, min_time)
     out = {"gpu_like_loop_unfed_micro_steps_per_s": alone}
     for kind in WORKER_TYPES:
         stream = ResumableStream(text_side, itm_rank_hn_collate, 0, n_workers, worker_type=kind)
@@ -302,8 +301,7 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
             def train_step():
                 model.train().zero_grad()
                 with torch.autocast(device.type, dtype=dtype):
-                    rank_loss, losses = model(iais_batch, "t", IAIS="L-singular")
-                    loss = rank_loss.mean() + losses["self_attn_loss"]
+                    loss = train_loss(model, iais_batch, "singular")
                 loss.backward()
                 sync()
 
@@ -320,8 +318,7 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
         def fed_step(fed_batch):
             model.zero_grad()
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                rank_loss, losses = model(fed_batch, "t", IAIS="L-singular")
-                loss = rank_loss.mean() + losses["self_attn_loss"]
+                loss = train_loss(model, fed_batch, "singular")
             loss.backward()
             loss.item()  # the training loop logs the loss: one wait for the device per step
 
