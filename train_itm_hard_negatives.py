@@ -267,7 +267,7 @@ def main(opts):
         else:
             grad_norm = torch.norm(torch.stack([g.norm() for g in grads]))
         finite = bool(torch.isfinite(grad_norm))
-        loss_scale = scaler.get_scale() if use_scaler else None
+        loss_scale = scaler.get_scale() if use_scaler and not finite else None  # a device sync: only when reported
         if use_scaler:
             scaler.step(optimizer)  # skips the update itself when gradients overflowed
             scaler.update()

@@ -53,8 +53,8 @@ def sample_negative(sample_pool, ground_truths, num_sample):
 
 
 def box_position_features(norm_bb):
-    """[n, 6] (x1, y1, x2, y2, w, h) -> [n, 7] with the area w*h appended."""
-    return torch.cat([norm_bb, norm_bb[:, 4:5] * norm_bb[:, 5:]], dim=-1)
+    """[..., 6] (x1, y1, x2, y2, w, h) -> [..., 7] with the area w*h appended."""
+    return torch.cat([norm_bb, norm_bb[..., 4:5] * norm_bb[..., 5:]], dim=-1)
 
 
 class DetectFeatTxtTokDataset(Dataset):
@@ -99,9 +99,7 @@ class DetectFeatTxtTokDataset(Dataset):
             feat[i, :nbb] = a["features"]
             feat[i, nbb:] = 0
             bb[i, :nbb] = a["norm_bb"]
-        bb = torch.from_numpy(bb)
-        pos = torch.cat([bb, bb[..., 4:5] * bb[..., 5:]], dim=-1)
-        return torch.from_numpy(feat), pos, num_bbs
+        return torch.from_numpy(feat), box_position_features(torch.from_numpy(bb)), num_bbs
 
 
 def _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, all_rows):
@@ -267,7 +265,7 @@ class ItmEvalDataset(ItmValDataset):
         batches = []
         for st in range(0, len(self.all_img_ids), self.bs):
             img_ids = self.all_img_ids[st:st + self.bs]
-            # not in recycled memory: these stay for the whole pass
+            # not in recycled memory: these stay as long as the dataset
             image_side = self._image_sides.get(st, lambda: self._get_img_feats(img_ids, recycle=False))
             batches.append(self.get_batch(i, img_ids, image_side))
         return batches

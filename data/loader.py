@@ -86,14 +86,15 @@ class ThreadLoader:
                     future.cancel()
 
 
-def make_loader(dataset, collate_fn, n_workers, pin_memory=False, worker_type="thread"):
-    """Batches of ``dataset`` in order (one item each), built by ``n_workers`` workers of
-    ``worker_type`` (``0``: in the calling thread)."""
+def make_loader(dataset, collate_fn, n_workers, pin_memory=False, worker_type="thread", keys=None):
+    """``collate_fn([dataset[key]])`` for each key of ``keys`` (default: every index in
+    turn), built by ``n_workers`` workers of ``worker_type`` (``0``: in the calling thread)."""
+    keys = range(len(dataset)) if keys is None else keys
     if n_workers > 0 and worker_type == "thread":
-        return ThreadLoader(dataset, range(len(dataset)), collate_fn, n_workers, pin_memory)
+        return ThreadLoader(dataset, keys, collate_fn, n_workers, pin_memory)
     # a private generator: a pass must not draw from the global torch RNG (dropout), so
     # that the kind and number of workers changes no number
-    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, num_workers=n_workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=1, sampler=keys, num_workers=n_workers,
                                        pin_memory=pin_memory, collate_fn=collate_fn, generator=torch.Generator())
 
 
@@ -176,15 +177,9 @@ class ResumableStream:
         self.epoch, self.pos, self._it = 0, 0, None
 
     def _start(self):
-        items = _SeededItems(self.dataset, self.seed)
-        order = _EpochSampler(len(self.dataset), self.seed, self.epoch, self.pos)
-        if self.n_workers > 0 and self.worker_type == "thread":
-            loader = ThreadLoader(items, order, None, self.n_workers, self.pin_memory)
-        else:
-            loader = torch.utils.data.DataLoader(
-                items, batch_size=None, sampler=order, num_workers=self.n_workers, pin_memory=self.pin_memory,
-                # a private generator keeps worker seeding off the global torch RNG (dropout)
-                generator=torch.Generator().manual_seed(self.seed))
+        loader = make_loader(_SeededItems(self.dataset, self.seed), self.collate_fn, self.n_workers,
+                             self.pin_memory, self.worker_type,
+                             keys=_EpochSampler(len(self.dataset), self.seed, self.epoch, self.pos))
         self._it = iter(PrefetchLoader(loader, self.device))
 
     def __next__(self):
@@ -197,7 +192,7 @@ class ResumableStream:
             self._start()
             batch = next(self._it)
         self.pos += 1
-        return self.collate_fn([batch])
+        return batch
 
     def __iter__(self):
         return self
