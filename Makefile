@@ -2,6 +2,9 @@
 # make test   run the test suite (installs horovod once, so the horovodrun tests run too)
 # make bench  data-loader, evaluation and training throughput against the plain path
 #             (ORIGINAL=<checkout of lancopku/IAIS>: against the original code too)
+# make gpu-check  on a CUDA machine: the CUDA tests, UNITER-base rates and MFU, evaluation
+#             projected to the test sets, the demo trained with --fp16 (GPU_CHECK_OUT=dir;
+#             WHEELS=dir installs missing packages offline from wheels made by `make wheels`)
 #
 # Everything runs in .venv. On a machine without an NVIDIA GPU the CPU build of torch is
 # installed (no CUDA wheels); with a GPU, PyPI's CUDA build. Override with
@@ -21,7 +24,7 @@ endif
 DEMO_DIR ?= demo
 DEMO_OUT ?= $(DEMO_DIR)/output
 
-.PHONY: demo test bench venv dev horovod clean-demo
+.PHONY: demo test bench gpu-check wheels venv dev horovod clean-demo
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,6 +60,24 @@ test: $(VENV)/.dev $(VENV)/.horovod
 
 bench: $(VENV)/.dev
 	$(PY) scripts/bench.py --output bench_out/bench.json $(if $(ORIGINAL),--original_repo $(ORIGINAL))
+
+# The GPU check runs with .venv when there is one, else with python3 (e.g. the PyTorch of a
+# CUDA image, which the check uses as it is).
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check:
+	$(GPU_PY) scripts/gpu_check.py --output $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS))
+
+# Wheels of the packages a CUDA PyTorch image usually lacks, for an offline machine running
+# Python $(WHEEL_PYTHON) on x86-64 Linux.
+WHEELS ?=
+WHEEL_DIR := $(or $(WHEELS),wheels)
+WHEEL_PYTHON ?= 3.12
+WHEEL_PACKAGES ?= lmdb lz4 msgpack
+wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version $(WHEEL_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(WHEEL_DIR) $(WHEEL_PACKAGES)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

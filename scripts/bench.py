@@ -15,8 +15,9 @@ CPU workloads (README: one run of each, this code, the plain path and the origin
 The plain path is what the original does: decode every array (soft_labels included),
 convert to float32, pad box by box, eager attention, four IAIS attention passes. Values
 of both paths are compared. With --gpu, UNITER-base scoring and a training step with IAIS
-are measured on the GPU too (bf16 and fp16 autocast), with model FLOP utilisation and
-the training step fed by a real text-side stream (how long it waits for batches). With
+are measured on the GPU too (bf16 and fp16 autocast), with model FLOP utilisation, the
+training step fed by a real text-side stream (how long it waits for batches) and full
+evaluation projected to the release's test sets (scripts/bench_device.py). With
 --original_repo (a checkout of lancopku/IAIS), the original code itself runs the same
 CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates, the
 ratios to them and the differences of its scores and losses from this code's are added.
@@ -253,83 +254,6 @@ def bench_original(root, original_repo, min_time, results):
     return out
 
 
-def forward_flops_per_pair(config, txt_len, num_bb, img_dim=2048):
-    """Matmul FLOPs of scoring one pair: the box and position projections, every layer on
-    every position except the last one, which computes keys and values for all positions
-    and the rest for [CLS] alone, then the pooler and the ranking head."""
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    seq = txt_len + num_bb
-    full_layer = seq * (4 * h * h + 2 * h * inter) + 2 * seq * seq * h
-    last_layer = seq * 2 * h * h + (2 * h * h + 2 * h * inter) + 2 * seq * h
-    return 2 * ((layers - 1) * full_layer + last_layer + num_bb * (img_dim + 7) * h + h * h + h)
-
-
-def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60, peak_tflops=None,
-                 stream=None):
-    """UNITER scoring (``n`` pairs, no grad) and a hard-negative training step with IAIS
-    (score ``n``, train ``hard`` + 1) on ``device`` under bf16 and fp16 autocast, with model
-    FLOP utilisation when ``peak_tflops`` is given; with a text-side IAIS training ``stream``
-    (batches on ``device``), the bf16 training step fed by it and how long it waits for it."""
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    g = torch.Generator().manual_seed(0)
-    seq = txt_len + num_bb
-    words = torch.arange(seq)[None].expand(n, -1)
-    batch = {"input_ids": torch.randint(106, config.vocab_size, (1, txt_len), generator=g),
-             "position_ids": torch.arange(txt_len)[None],
-             "img_feat": torch.randn(n, num_bb, 2048, generator=g).half(),
-             "img_pos_feat": torch.rand(n, num_bb, 7, generator=g),
-             "attn_masks": torch.ones(n, seq, dtype=torch.long), "gather_index": words.clone(),
-             "txt_attn_masks": ((words >= 1) & (words < txt_len - 1)).long()[:1],
-             "img_attn_masks": (words >= txt_len).long()[:1]}
-    batch = {k: v.to(device) for k, v in batch.items()}
-    iais_batch = {k: v for k, v in batch.items() if k != "gather_index"}
-    flops = forward_flops_per_pair(config, txt_len, num_bb)
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}
-    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        for fused in (True, False):
-            torch.manual_seed(0)
-            model = use_fast_paths(UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard), fused, 32)
-            model = model.to(device)
-            tag = f"{dtype_name}_{'fused' if fused else 'plain'}"
-
-            def score():
-                with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-                    model.eval()(batch, "t", compute_loss=False)
-                sync()
-
-            def train_step():
-                model.train().zero_grad()
-                with torch.autocast(device.type, dtype=dtype):
-                    loss = train_loss(model, iais_batch, "singular")
-                loss.backward()
-                sync()
-
-            pairs_per_s = n * rate(score, min_time)
-            out[f"score_{tag}_pairs_per_s"] = pairs_per_s
-            out[f"train_iais_{tag}_steps_per_s"] = rate(train_step, min_time)
-            if peak_tflops:
-                out[f"score_{tag}_mfu"] = pairs_per_s * flops / (peak_tflops * 1e12)
-    if stream is not None:
-        torch.manual_seed(0)
-        model = use_fast_paths(UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard), True, 32)
-        model = model.to(device).train()
-
-        def fed_step(fed_batch):
-            model.zero_grad()
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss = train_loss(model, fed_batch, "singular")
-            loss.backward()
-            loss.item()  # the training loop logs the loss: one wait for the device per step
-
-        steps, waiting = fed_loop(stream, fed_step, min_time)
-        out["fed_train_iais_bf16_steps_per_s"] = steps
-        out["fed_train_waiting_for_loader"] = waiting
-    if device.type == "cuda":
-        out["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return {f"device_{k}": v for k, v in out.items()}
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output", default="bench_out/bench.json", help="JSON results")
@@ -339,8 +263,9 @@ def main():
     p.add_argument("--original_repo", default=None,
                    help="a checkout of lancopku/IAIS: also run the original code on the CPU workloads")
     p.add_argument("--gpu", action="store_true", help="also measure UNITER-base on the GPU")
-    p.add_argument("--peak_tflops", type=float, default=989.0,
-                   help="the GPU's dense bf16/fp16 peak for MFU (default: H100 SXM, 989)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the GPU's dense bf16/fp16 peak in TFLOP/s for MFU (default: from the device name, "
+                        "e.g. H100 SXM and H200 989)")
     opts = p.parse_args()
     if opts.original_repo:
         check_checkout(opts.original_repo, "bench.py")
@@ -359,13 +284,13 @@ def main():
     if opts.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("bench.py: error: --gpu given but torch sees no CUDA device")
+        from bench_device import bench_device, bench_evaluation, peak_tflops_of, training_stream
+        device = torch.device("cuda")
+        peak = opts.peak_tflops or peak_tflops_of(torch.cuda.get_device_name())
         config = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))
-        txt, img = open_bench_dbs(root)
-        # as the paper configs train: 4 loader threads (the default kind), batches pinned and copied ahead
-        stream = ResumableStream(ItmRankDatasetHardNegFromText(txt, img, 399, IAIS="singular"), itm_rank_hn_collate,
-                                 0, n_workers=4, pin_memory=True, device=torch.device("cuda"))
-        results.update(bench_device(torch.device("cuda"), config, opts.min_time, peak_tflops=opts.peak_tflops,
-                                    stream=stream))
+        results.update(bench_device(device, config, opts.min_time, peak_tflops=peak,
+                                    stream=training_stream(root, device)))
+        results.update(bench_evaluation(root, device, config, opts.min_time, peak_tflops=peak))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
     with open(opts.output, "w") as f:

@@ -31,3 +31,16 @@ def txt_db():
 def img_db():
     from data import DetectFeatLmdb
     return DetectFeatLmdb(IMG_DB, 0.2, 100, 10, 36, False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (make gpu-check runs them: pytest -m cuda)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU (make gpu-check runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -461,10 +461,16 @@ def test_recycled_buffers_shared_by_threads_hand_out_each_buffer_once():
     import threading
     from data.batch import RecycledBuffers
     pool = RecycledBuffers(keep=4)
-    errors, start = [], threading.Barrier(6)
+    errors, start, all_holding = [], threading.Barrier(6), threading.Barrier(6)
 
     def work(tag):
         start.wait()
+        first = pool.empty((64, 256), np.int32)
+        first.fill(tag)
+        all_holding.wait()  # six buffers in use at once: the pool keeps 4, two are fresh arrays
+        if not (first == tag).all():
+            errors.append(tag)
+        del first
         for _ in range(200):
             held = pool.empty((64, 256), np.int32)
             held.fill(tag)

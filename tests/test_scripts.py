@@ -189,7 +189,8 @@ def test_device_benchmark_runs_on_the_cpu(tmp_path):
     import sys
     import torch
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench import bench_device, forward_flops_per_pair, make_bench_db, open_bench_dbs
+    from bench import make_bench_db, open_bench_dbs
+    from bench_device import bench_device, forward_flops_per_pair
     from conftest import TINY_CONFIG
     from data import ItmRankDatasetHardNegFromText, ResumableStream, itm_rank_hn_collate
     from model import UniterConfig
@@ -262,3 +263,38 @@ assert list(partition_all(2, range(5))) == [(0, 1), (2, 3), (4,)]
 """
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+def test_gpu_check_takes_the_cpu_branch_and_finishes(tmp_path):
+    """make gpu-check's script without a GPU: the CUDA tests are collected and skipped, the
+    device benchmark, the evaluation projection and the demo training run on the CPU."""
+    out = tmp_path / "check"
+    res = run(["scripts/gpu_check.py", "--output", str(out)], timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert results["branch"] == "cpu" and results["peak_tflops"] is None
+    tests = results["cuda_tests"]
+    assert tests["exit_status"] == 0 and tests["skipped"] >= 10 and "passed" not in tests and not tests["failed_tests"]
+    bench, evaluation = results["bench"], results["evaluation"]
+    assert bench["device_score_bf16_fused_pairs_per_s"] > 0 and bench["device_fed_train_iais_bf16_steps_per_s"] > 0
+    for dtype in ("fp16", "bf16"):
+        rate = evaluation[f"eval_pipeline_{dtype}_pairs_per_s"]
+        assert evaluation[f"eval_pipeline_{dtype}_buckets"] in (0, 4)
+        assert evaluation[f"eval_projected_coco_5k_{dtype}_minutes"] == pytest.approx(25010 * 5000 / rate / 60)
+        assert evaluation[f"eval_projected_flickr30k_1k_{dtype}_minutes"] == pytest.approx(5000 * 1000 / rate / 60)
+    demo = results["demo"]
+    assert "error" not in demo and demo["precision"] == "torch.bfloat16"
+    assert 0 <= demo["test_recall"]["txt_r1"] <= 1
+    assert results["targets"]["score_bf16_mfu_at_least_0.5"] is None  # no peak known for a CPU
+    log = (out / "gpu_check.log").read_text()
+    assert "GPU check finished" in log and "pytest -m cuda" in log and "train_itm_hard_negatives.py" in log
+
+
+def test_gpu_check_names_missing_packages(monkeypatch, tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import gpu_check
+    monkeypatch.setitem(gpu_check.NEEDED, "no_such_module_for_the_check", "no-such-package")
+    with pytest.raises(SystemExit) as e:
+        gpu_check.ensure_packages(str(tmp_path))  # an empty wheel folder does not have it either
+    assert "no-such-package" in str(e.value) and "--wheels" in str(e.value)

@@ -29,7 +29,9 @@ def init(timeout_s=600):
         import horovod.torch as hvd
         hvd.init()
         _backend, _hvd = "horovod", hvd
-    elif launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif launched_by_torchrun():
+        # a group even for one process, so that `torchrun --nproc_per_node 1` runs the
+        # collectives of an 8-GPU run (NCCL on a GPU)
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(get_local_rank())
@@ -42,6 +44,8 @@ def init(timeout_s=600):
 
 
 def backend_name():
+    if _backend == "torch":
+        return f"torch ({torch.distributed.get_backend()})"
     return _backend or "single process"
 
 
