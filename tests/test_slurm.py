@@ -35,6 +35,7 @@ def slurm_tasks(args, ntasks, port):
     tasks = []
     for task in range(ntasks):  # one thread each, as torchrun gives its workers: the same sums, the same bits
         env = {**base, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_NTASKS": str(ntasks),
+               "SLURM_STEP_ID": "0",
                "SLURM_TASKS_PER_NODE": f"{ntasks}(x1)", "SLURM_JOB_NODELIST": "localhost",
                "SLURM_JOB_ID": "4242", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
         tasks.append(subprocess.Popen([PY] + args, cwd=ROOT, env=env, text=True,
@@ -62,11 +63,15 @@ def test_slurm_tasks_train_as_torchrun_does(tmp_path):
     assert not torch.equal(initial["uniter.pooler.dense.weight"], slurm["uniter.pooler.dense.weight"])
 
 
-def test_one_slurm_task_is_a_single_process(tmp_path):
-    """An interactive `srun -n1` (or a batch script's own shell) runs alone, without a process group."""
+@pytest.mark.parametrize("step", [
+    {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_NTASKS": "16"},  # srun -n 1 in a larger allocation
+    {"SLURM_NTASKS": "16"},  # python started by the batch script itself, without srun
+    {"SLURM_STEP_ID": str(0xFFFFFFFB), "SLURM_NTASKS": "16"},  # the batch step, where Slurm names it
+], ids=["srun-n1", "batch-shell", "batch-step"])
+def test_a_process_not_started_as_one_of_several_srun_tasks_runs_alone(tmp_path, step):
     cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=1, valid_steps=1)
     res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(tmp_path / "out")],
-              env={"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "nowhere[1-2]"})
+              env={"SLURM_PROCID": "0", "SLURM_JOB_NODELIST": "nowhere[1-2]", **step}, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "1 process(es) via single process" in res.stderr + res.stdout
 

@@ -19,9 +19,19 @@ def launched_by_torchrun():
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+_SLURM_RESERVED_STEPS = 0xFFFFFFF0  # ids of the batch script's, salloc's and the extern step
+
+
+def slurm_step_tasks():
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
+
+
 def launched_by_slurm():
-    """srun started this process as one of several tasks."""
-    return "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    """srun started this process as one of several tasks of a job step. A batch script's own
+    shell also sees SLURM_PROCID and the allocation's SLURM_NTASKS, but no step id of srun's."""
+    step = os.environ.get("SLURM_STEP_ID", "")
+    return ("SLURM_PROCID" in os.environ and step.isdigit() and int(step) < _SLURM_RESERVED_STEPS
+            and slurm_step_tasks() > 1)
 
 
 def first_slurm_host(nodelist):
@@ -34,7 +44,7 @@ def adopt_slurm_environment():
     """Translate srun's task layout into the variables torch.distributed starts from; what the
     user set (MASTER_ADDR, MASTER_PORT) wins. Every task of a job derives the same port."""
     env = os.environ
-    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], str(slurm_step_tasks())
     env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
     tasks_here = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
     if tasks_here:  # "8(x2)": the LMDB readers switch read-ahead off when a node runs several tasks
