@@ -28,6 +28,7 @@ VOCAB_LINES = 28996
 MANIFEST = "MANIFEST.sha256"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 CHUNK = 1 << 20
+PROGRESS_S = 30
 
 # paths below a UNITER host; the storage mirrors them (archives are extracted in their folder)
 UNITER_FILES = {
@@ -111,9 +112,13 @@ class Fetcher:
         request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                resumed = response.status == 206 and content_range_start(response) == offset
+                resumed = response.status == 206
+                if resumed and content_range_start(response) != offset:
+                    os.remove(part)
+                    raise Transient(f"answered another range than bytes {offset}-")
                 expected = response.headers.get("Content-Length")
-                written = copy_stream(response, part, append=resumed)
+                total = int(expected) + (offset if resumed else 0) if expected else None
+                written = copy_stream(response, part, append=resumed, total=total)
         except urllib.error.HTTPError as e:
             if e.code == 416:  # the part is not a prefix of what the server holds: start over
                 os.remove(part)
@@ -152,7 +157,10 @@ class Fetcher:
         else:
             raise DownloadError(f"{dest} is not a valid archive after two downloads ({problem}); {advice}")
         print(f"extract {dest} -> {folder}", flush=True)
-        extracted = extract(dest, folder)
+        try:
+            extracted = extract(dest, folder)
+        except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
+            raise DownloadError(f"cannot extract {dest} into {folder}: {e}") from None
         for path in extracted:
             self.record(path)
         with open(marker, "w") as f:
@@ -169,9 +177,10 @@ def content_range_start(response):
         return None
 
 
-def copy_stream(response, path, append):
-    """Bytes of the answer written to ``path``; a read error is the connection's, a write error ours."""
-    written = 0
+def copy_stream(response, path, append, total=None):
+    """Bytes of the answer written to ``path``; a read error is the connection's, a write error
+    ours. How far the file is comes every PROGRESS_S seconds."""
+    written, shown = 0, time.monotonic()
     try:
         f = open(path, "ab" if append else "wb")
     except OSError as e:
@@ -186,6 +195,10 @@ def copy_stream(response, path, append):
             except OSError as e:
                 raise DownloadError(f"cannot write {path}: {e.strerror}; the part written so far is kept") from None
             written += len(chunk)
+            if time.monotonic() - shown > PROGRESS_S:
+                shown = time.monotonic()
+                size = f" of {total / 1e9:.2f}" if total else ""
+                print(f"  {os.path.basename(path)}: {f.tell() / 1e9:.2f}{size} GB", flush=True)
 
 
 def sha256_of(path):
@@ -400,7 +413,7 @@ def main(argv=None):
         else:
             fetcher = Fetcher(storage, env_number("RETRIES", 5, int), env_number("RETRY_WAIT", 5.0, float), timeout)
             download(storage, subsets, fetcher)
-    except DownloadError as e:
+    except (DownloadError, OSError) as e:  # OSError: the storage cannot be written
         print(f"download_itm.sh: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
