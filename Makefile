@@ -5,16 +5,22 @@
 # make gpu-check  on a CUDA machine: the CUDA tests, UNITER-base rates and MFU, evaluation
 #             projected to the test sets, the demo trained with --fp16 (GPU_CHECK_OUT=dir;
 #             WHEELS=dir installs missing packages offline from wheels made by `make wheels`)
+# make lock   refresh requirements.lock: the newest versions requirements*.txt allow, kept
+#             only when the test suite passes with them
 #
-# Everything runs in .venv. On a machine without an NVIDIA GPU the CPU build of torch is
-# installed (no CUDA wheels); with a GPU, PyPI's CUDA build. Override with
-# `make TORCH_SPEC=torch==X.Y.Z TORCH_INDEX=<index url> ...`.
+# Everything runs in .venv, installed from requirements.lock (the exact versions the tests
+# passed with). torch comes first, at the lock's version: on a machine without an NVIDIA GPU
+# its CPU build (no CUDA wheels), with a GPU PyPI's CUDA build. Override with
+# `make TORCH_SPEC=torch==X.Y.Z TORCH_INDEX=<index url> ...`; newest versions instead of the
+# lock: `make REQUIREMENTS=requirements.txt TORCH_SPEC=torch ...`.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-TORCH_SPEC ?= torch==2.13.0
+REQUIREMENTS ?= requirements.lock
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' requirements.lock)
+LOCK_VENV ?= .venv-lock
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ifeq ($(HAS_GPU),yes)
 TORCH_INDEX ?=
@@ -24,13 +30,15 @@ endif
 DEMO_DIR ?= demo
 DEMO_OUT ?= $(DEMO_DIR)/output
 
-.PHONY: demo test bench gpu-check wheels venv dev horovod clean-demo
+.PHONY: demo test bench gpu-check wheels venv dev horovod lock clean-demo
 
-$(VENV)/.runtime: requirements.txt
+# torch is installed on its own (its build depends on the machine), the rest from $(REQUIREMENTS)
+$(VENV)/.runtime: $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --retries 2 --timeout 30 \
 		$(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PIP) install -r requirements.txt
+	grep -v '^torch[=<>~ ]' $(REQUIREMENTS) > $(VENV)/requirements-without-torch.txt
+	$(PIP) install -r $(VENV)/requirements-without-torch.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
@@ -44,6 +52,21 @@ $(VENV)/.horovod: $(VENV)/.runtime scripts/install_horovod.sh
 venv: $(VENV)/.runtime
 dev: $(VENV)/.dev
 horovod: $(VENV)/.horovod
+
+# a fresh environment with the newest allowed versions runs the test suite; its versions
+# (torch's without the build tag, horovod left to install_horovod.sh) become the lock
+lock:
+	rm -rf $(LOCK_VENV)
+	$(MAKE) VENV=$(LOCK_VENV) REQUIREMENTS=requirements.txt TORCH_SPEC=torch test
+	{ echo "# Exact versions the test suite passed with, on Python $$($(LOCK_VENV)/bin/python -V | cut -d' ' -f2);" \
+	       "\`make lock\` refreshes this file."; \
+	  echo "# \`make\` installs torch first at the version pinned here (the CPU build on a machine without"; \
+	  echo "# an NVIDIA GPU, PyPI's CUDA build on one with a GPU; TORCH_INDEX picks another build), then"; \
+	  echo "# the rest. horovod is built from source by scripts/install_horovod.sh."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze | grep -v -e '^horovod' -e '^pkg.resources' | sed 's/^\(torch==[^+]*\)+.*/\1/'; \
+	} > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf $(LOCK_VENV)
 
 $(DEMO_DIR)/txt_db/itm_demo_test.db/meta.json: | $(VENV)/.runtime
 	$(PY) scripts/make_demo_data.py --output $(DEMO_DIR)

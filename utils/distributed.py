@@ -1,8 +1,9 @@
-"""One interface over horovod (horovodrun), torch.distributed (torchrun) and a single
-process. The rest of the code calls these functions and never asks which one runs."""
+"""One interface over horovod (horovodrun), torch.distributed (torchrun or SLURM's srun) and
+a single process. The rest of the code calls these functions and never asks which one runs."""
 import datetime
 import os
 import pickle
+import re
 
 import torch
 
@@ -18,6 +19,41 @@ def launched_by_torchrun():
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+_SLURM_RESERVED_STEPS = 0xFFFFFFF0  # ids of the batch script's, salloc's and the extern step
+
+
+def slurm_step_tasks():
+    return int(os.environ.get("SLURM_STEP_NUM_TASKS") or os.environ.get("SLURM_NTASKS") or 1)
+
+
+def launched_by_slurm():
+    """srun started this process as one of several tasks of a job step. A batch script's own
+    shell also sees SLURM_PROCID and the allocation's SLURM_NTASKS, but no step id of srun's."""
+    step = os.environ.get("SLURM_STEP_ID", "")
+    return ("SLURM_PROCID" in os.environ and step.isdigit() and int(step) < _SLURM_RESERVED_STEPS
+            and slurm_step_tasks() > 1)
+
+
+def first_slurm_host(nodelist):
+    """First host of a Slurm host list: ``gpu[03-04,07],cpu1`` -> ``gpu03``."""
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    return re.sub(r"\[([^\],-]+)[^\]]*\]", r"\1", first)
+
+
+def adopt_slurm_environment():
+    """Translate srun's task layout into the variables torch.distributed starts from; what the
+    user set (MASTER_ADDR, MASTER_PORT) wins. Every task of a job derives the same port."""
+    env = os.environ
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], str(slurm_step_tasks())
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    tasks_here = re.match(r"\d+", env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+    if tasks_here:  # "8(x2)": the LMDB readers switch read-ahead off when a node runs several tasks
+        env.setdefault("LOCAL_WORLD_SIZE", tasks_here.group())
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+    env.setdefault("MASTER_ADDR", first_slurm_host(nodelist))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "9500")) % 20000))
+
+
 def init(timeout_s=600):
     """Join the process group the launcher set up (if any); returns the torch device.
 
@@ -29,9 +65,11 @@ def init(timeout_s=600):
         import horovod.torch as hvd
         hvd.init()
         _backend, _hvd = "horovod", hvd
-    elif launched_by_torchrun():
-        # a group even for one process, so that `torchrun --nproc_per_node 1` runs the
-        # collectives of an 8-GPU run (NCCL on a GPU)
+    elif launched_by_slurm() and not launched_by_torchrun():
+        adopt_slurm_environment()
+    # a group even for one process, so that `torchrun --nproc_per_node 1` runs the
+    # collectives of an 8-GPU run (NCCL on a GPU)
+    if _backend is None and launched_by_torchrun():
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(get_local_rank())
