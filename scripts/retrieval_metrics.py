@@ -114,8 +114,8 @@ def group_indices(groups_path, txt_ids, img_ids):
                 raise ConfigError(f"{groups_path}: group {n} lacks {key!r}; each group needs caption_0, "
                                   f"caption_1 (text ids) and image_0, image_1 (image ids)")
             if not isinstance(group[key], str) or group[key] not in position[kind]:
-                what = "text" if kind == "txt" else "image"
-                raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not a {what} id of the "
+                what = "a text" if kind == "txt" else "an image"
+                raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not {what} id of the "
                                   f"score file; use the ids of the split it was evaluated on")
             index[key].append(position[kind][group[key]])
     captions = torch.tensor([index["caption_0"], index["caption_1"]]).t()
