@@ -59,7 +59,11 @@ def load_score_file(path):
     if missing:
         raise DataError(f"{path} lacks {', '.join(missing)}: give a score_matrix.pt written by inf_itm.py "
                         f"(older ones have no txt2img; evaluate again)")
-    scores, txt_ids, img_ids = data["scores"].float(), list(data["txt_ids"]), list(data["img_ids"])
+    types = {"scores": torch.Tensor, "txt_ids": list, "img_ids": list, "txt2img": dict}
+    wrong = [k for k, kind in types.items() if not isinstance(data[k], kind)]
+    if wrong:
+        raise DataError(f"{path}: {', '.join(wrong)} of the wrong type; give a score_matrix.pt written by inf_itm.py")
+    scores, txt_ids, img_ids = data["scores"].float(), data["txt_ids"], data["img_ids"]
     if scores.shape != (len(txt_ids), len(img_ids)):
         raise DataError(f"{path}: scores are {tuple(scores.shape)} but the file names {len(txt_ids)} texts "
                         f"and {len(img_ids)} images")

@@ -266,6 +266,10 @@ def test_script_bad_inputs_are_one_line(tmp_path):
                    "x.pt: text 't1' has no image")
     one_line_error(metrics_cli(score_file(tmp_path / "n.pt", SCORES.clone().fill_(float("nan"))),
                                "--output", tmp_path / "m.json"), "n.pt: 18 scores are NaN")
+    one_line_error(metrics_cli(score_file(tmp_path / "t.pt", txt_ids=tuple(TXT_IDS)), "--output", tmp_path / "m.json"),
+                   "t.pt: txt_ids of the wrong type")
+    one_line_error(metrics_cli(score_file(tmp_path / "r.pt", SCORES[:5]), "--output", tmp_path / "m.json"),
+                   "r.pt: scores are (5, 3) but the file names 6 texts")
     one_line_error(metrics_cli(good, "--folds", 4, "--output", tmp_path / "m.json"), "--folds 4", "3 images")
     one_line_error(metrics_cli(good), "--output is required")
     one_line_error(metrics_cli(tmp_path / "missing.pt", "--output", tmp_path / "m.json"), "missing.pt not found")
