@@ -274,3 +274,18 @@ def test_script_bad_inputs_are_one_line(tmp_path):
     one_line_error(metrics_cli(good), "--output is required")
     one_line_error(metrics_cli(tmp_path / "missing.pt", "--output", tmp_path / "m.json"), "missing.pt not found")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_quick_validation_counts_ranks_the_same_way():
+    """validate(): each batch holds one text's true image first, then its candidates."""
+    from utils.itm_eval import validate
+
+    class FixedScores(torch.nn.Module):
+        def forward(self, batch, compute_loss=False):
+            return batch["scores"][:, None]
+
+    batches = [{"scores": torch.tensor([0.9, 0.1, 0.5])},                 # rank 1
+               {"scores": torch.tensor([0.2, 0.5, 0.2, 0.3, 0.0])},       # 0.5, the tied 0.2, 0.3 above: rank 4
+               {"scores": torch.tensor([0.4] + [0.5] * 6 + [0.1] * 9)}]   # rank 7
+    log = validate(FixedScores(), batches)
+    assert [log[f"valid/recall_{k}"] for k in (1, 5, 10)] == pytest.approx([1 / 3, 2 / 3, 1.0])

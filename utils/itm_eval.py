@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from .distributed import all_gather_object, all_gather_rows, is_main_process
 from .logger import LOGGER
-from .retrieval_metrics import RECALL_KEYS, counting_name, gt_image_index, retrieval_metrics
+from .retrieval_metrics import KS, RECALL_KEYS, counting_name, gt_image_index, retrieval_metrics, text_query_ranks
 
 
 @torch.no_grad()
@@ -81,12 +81,9 @@ def validate(model, val_loader):
     hits = torch.zeros(3)
     n = 0
     for batch in tqdm(val_loader, desc="validation", disable=not is_main_process()):
-        scores = model(batch, compute_loss=False).squeeze(1)
-        top = scores.topk(min(10, scores.numel())).indices
-        rank = (top == 0).nonzero()
-        if rank.numel():
-            r = rank.item()
-            hits += torch.tensor([r < 1, r < 5, r < 10], dtype=torch.float)
+        scores = model(batch, compute_loss=False).float().cpu().t()  # [1, candidates], the true image first
+        rank = int(text_query_ranks(scores, torch.zeros(1, dtype=torch.long)))
+        hits += torch.tensor([rank <= k for k in KS], dtype=torch.float)
         n += 1
     totals = all_gather_object((n, hits.tolist()))
     n = sum(t[0] for t in totals)
