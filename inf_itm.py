@@ -5,10 +5,12 @@
         --model_config config/uniter-base.json --output_dir /storage/eval --fp16
     torchrun --nproc_per_node 2 inf_itm.py ...   |   python inf_itm.py ...
 
-Writes output_dir/scores.json (R@K), output_dir/score_matrix.pt ({'scores': [texts x images]
-float32, 'txt_ids', 'img_ids'}; torch.load(..., weights_only=True) reads it) and
-output_dir/config.json. A checkpoint without ``rank_output`` (a pre-trained UNITER) is
-evaluated zero-shot from its ITM head.
+Writes output_dir/scores.json (R@K, textbook unless --original_counting 1, and which counting),
+output_dir/score_matrix.pt ({'scores': [texts x images] float32, 'txt_ids', 'img_ids',
+'txt2img': {text id: image id}}; torch.load(..., weights_only=True) reads it; input of
+scripts/retrieval_metrics.py), output_dir/config.json and, with --dump_topk K,
+output_dir/topk.jsonl (each query's K best candidates and the rank of its true match). A
+checkpoint without ``rank_output`` (a pre-trained UNITER) is evaluated zero-shot from its ITM head.
 """
 import json
 import os
@@ -21,9 +23,10 @@ from utils import distributed as dist
 from utils.checkpoint import atomic_save, load_checkpoint
 from utils.cli import run
 from utils.config import ConfigError, add_box_args, load_json, make_parser
-from utils.itm_eval import format_recall_table, gather_scores, itm_eval
+from utils.itm_eval import add_counting_arg, format_recall_table, gather_scores, itm_eval
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
+from utils.retrieval_metrics import counting_name, gt_image_index, topk_records
 
 
 def build_parser():
@@ -44,10 +47,30 @@ def build_parser():
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
       help="score in the padded layout IAIS training uses (same scores)")
-    a("--original_counting", type=int, choices=[0, 1], default=1,
-      help="1: image-retrieval R@K counted as the original code (the paper's numbers); 0: textbook")
+    add_counting_arg(p)
+    a("--dump_topk", type=int, default=0, help="write topk.jsonl: each query's K best candidates (0: off)")
     a("--collective_timeout", type=int, default=600, help="seconds before a collective gives up")
     return p
+
+
+def write_results(opts, scores, txt_ids, img_ids, txt2img):
+    """config.json, score_matrix.pt (with each text's image, so that scripts/retrieval_metrics.py
+    needs nothing else), scores.json, topk.jsonl if asked; prints the R@K table."""
+    txt2img = {t: txt2img[t] for t in txt_ids}
+    log = itm_eval(scores, txt_ids, img_ids, txt2img, original_counting=bool(opts.original_counting))
+    os.makedirs(opts.output_dir, exist_ok=True)
+    with open(join(opts.output_dir, "config.json"), "w") as f:
+        json.dump(vars(opts), f, indent=2)
+    atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids, "txt2img": txt2img},
+                join(opts.output_dir, "score_matrix.pt"))
+    with open(join(opts.output_dir, "scores.json"), "w") as f:
+        json.dump({**log, "counting": counting_name(opts.original_counting)}, f, indent=2)
+    if opts.dump_topk:
+        gt_img = gt_image_index(txt_ids, img_ids, txt2img)
+        with open(join(opts.output_dir, "topk.jsonl"), "w") as f:
+            for record in topk_records(scores, txt_ids, img_ids, gt_img, opts.dump_topk):
+                f.write(json.dumps(record) + "\n")
+    print(format_recall_table(log, opts.original_counting))
 
 
 def main(opts):
@@ -56,6 +79,8 @@ def main(opts):
             raise ConfigError(f"--{key} is required")
     if opts.batch_size <= 0:
         raise ConfigError(f"--batch_size must be positive, got {opts.batch_size}")
+    if opts.dump_topk < 0:
+        raise ConfigError(f"--dump_topk must be 0 (off) or a positive K, got {opts.dump_topk}")
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
     if opts.train_config is not None:
@@ -82,16 +107,7 @@ def main(opts):
     with autocast(device, amp_dtype):
         scores, txt_ids, img_ids = gather_scores(model, loader, opts.IAIS)
     if dist.is_main_process():
-        log = itm_eval(scores, txt_ids, img_ids, txt_db.txt2img, txt_db.img2txts,
-                       original_counting=bool(opts.original_counting))
-        os.makedirs(opts.output_dir, exist_ok=True)
-        with open(join(opts.output_dir, "config.json"), "w") as f:
-            json.dump(vars(opts), f, indent=2)
-        atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids},
-                    join(opts.output_dir, "score_matrix.pt"))
-        with open(join(opts.output_dir, "scores.json"), "w") as f:
-            json.dump(log, f, indent=2)
-        print(format_recall_table(log))
+        write_results(opts, scores, txt_ids, img_ids, txt_db.txt2img)
     dist.barrier()
     dist.shutdown()
 

@@ -27,7 +27,8 @@ from utils import distributed as dist
 from utils.checkpoint import latest_training_state, load_checkpoint, save_model, save_training_state
 from utils.cli import TrainingError, run
 from utils.config import ConfigError, add_box_args, load_json, make_parser
-from utils.itm_eval import evaluate, format_recall_table, validate
+from utils.itm_eval import add_counting_arg, evaluate, format_recall_table, validate
+from utils.retrieval_metrics import counting_name
 from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
 from utils.misc import rng_state, set_dropout, set_random_seed, set_rng_state
 from utils.optim import build_optimizer, get_lr_sched, tsa_weight
@@ -60,6 +61,7 @@ def build_parser():
     a("--warmup_steps", type=int, default=4000, help="linear learning-rate warm-up steps")
     a("--seed", type=int, default=42, help="random seed")
     a("--full_val", action="store_true", help="full R@K evaluation at every validation")
+    add_counting_arg(p)
     a("--fp16", action="store_true", help="mixed precision (float16 + loss scaling on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None,
       help="mixed-precision dtype: bf16 (no loss scaling) or fp16 (with loss scaling, kept even on a CPU); "
@@ -302,22 +304,24 @@ def main(opts):
         if global_step % opts.valid_steps == 0 or global_step == opts.num_train_steps:
             with autocast(device, amp_dtype):
                 if opts.full_val:
-                    val_log = evaluate(model, full_val_loader)
+                    val_log = evaluate(model, full_val_loader, original_counting=opts.original_counting)
                     tb.log_scalar_dict(val_log, global_step, "valid/")
-                    LOGGER.info("step %d validation:\n%s", global_step, format_recall_table(val_log))
+                    LOGGER.info("step %d validation:\n%s", global_step,
+                                format_recall_table(val_log, opts.original_counting))
                 else:
                     tb.log_scalar_dict(validate(model, val_loader), global_step)
             checkpoint(global_step)
     pbar.close()
 
     with autocast(device, amp_dtype):
-        test_log = evaluate(model, test_loader)
+        test_log = evaluate(model, test_loader, original_counting=opts.original_counting)
     tb.log_scalar_dict(test_log, global_step, "eval/test_")
     if is_main:
         with open(join(opts.output_dir, "results_test", f"results_{global_step}.json"), "w") as f:
-            json.dump(test_log, f, indent=2)
-        LOGGER.info("test split after %d steps:\n%s", global_step, format_recall_table(test_log))
-        print(format_recall_table(test_log))
+            json.dump({**test_log, "counting": counting_name(opts.original_counting)}, f, indent=2)
+        table = format_recall_table(test_log, opts.original_counting)
+        LOGGER.info("test split after %d steps:\n%s", global_step, table)
+        print(table)
     tb.close()
     dist.shutdown()
     return test_log

@@ -35,6 +35,12 @@ def build_meta(tokenizer, toker_name):
     return {**ids, "v_range": [first_word, len(vocab)], "toker": toker_name}
 
 
+def caption_value(tokenizer, raw, txt_id, img_fname):
+    """A txt_db value: the caption's WordPiece ids and the name of its image."""
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(raw))
+    return {"input_ids": ids, "img_fname": img_fname, "raw": raw, "id": txt_id}
+
+
 def image_fields(img, dataset):
     stem = os.path.splitext(img["filename"])[0]
     digits = re.findall(r"\d+", stem)
@@ -75,9 +81,8 @@ def main():
         fname = template.format(**image_fields(img, dataset))
         for sent in img["sentences"]:
             raw = sent.get("raw") or " ".join(sent["tokens"])
-            ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(raw))
             txt_id = str(sent["sentid"])
-            splits[img["split"]][txt_id] = {"input_ids": ids, "img_fname": fname, "raw": raw, "id": txt_id}
+            splits[img["split"]][txt_id] = caption_value(tokenizer, raw, txt_id, fname)
     os.makedirs(opts.output, exist_ok=True)
     for split, examples in splits.items():
         db_dir = join(opts.output, f"itm_{dataset}_{split}.db")

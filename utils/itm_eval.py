@@ -6,41 +6,21 @@ from tqdm import tqdm
 
 from .distributed import all_gather_object, all_gather_rows, is_main_process
 from .logger import LOGGER
+from .retrieval_metrics import KS, RECALL_KEYS, counting_name, gt_image_index, retrieval_metrics, text_query_ranks
 
 
 @torch.no_grad()
-def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts, original_counting=True):
-    """R@1/5/10 of a [texts x images] score matrix.
+def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts=None, original_counting=False):
+    """R@1/5/10 of a [texts x images] score matrix and their means (fractions).
 
-    img_r*: a text query finds its image; txt_r*: an image query finds any of its texts.
-    With ``original_counting`` (default) img_r@k counts as the original code does, which
-    also counts a hit when its text's row index is below k: this adds at most k/n_texts
-    (0.2% at R@10 on a 5000-caption test set) and is what the paper's numbers include.
-    ``original_counting=False`` gives the textbook recall.
+    img_r*: a text query finds its image; txt_r*: an image query finds any of its texts
+    (those ``txt2img`` assigns to it; ``img2txts`` is its inverse in a txt_db and is accepted
+    for the original's signature). Textbook recall unless ``original_counting``, which
+    counts image retrieval as the original code does (see utils/retrieval_metrics.py).
     """
-    score_matrix = score_matrix.float().cpu()
-    n_txt, n_img = len(txt_ids), len(img_ids)
-    img2j = {img: j for j, img in enumerate(img_ids)}
-    gt_img = torch.tensor([img2j[txt2img[t]] for t in txt_ids])
-    top_imgs = score_matrix.topk(min(10, n_img), dim=1).indices      # [n_txt, k]
-    hit_row, hit_rank = (top_imgs == gt_img[:, None]).nonzero(as_tuple=True)
-
-    txt2i = {t: i for i, t in enumerate(txt_ids)}
-    top_txts = score_matrix.topk(min(10, n_txt), dim=0).indices.t()  # [n_img, k]
-    txt_rank = []
-    for j, img in enumerate(img_ids):
-        gts = torch.tensor([txt2i[t] for t in img2txts[img] if t in txt2i], dtype=torch.long)
-        hit = (top_txts[j][:, None] == gts[None, :]).any(1).nonzero()
-        txt_rank.append(int(hit[0]) if hit.numel() else 10)
-
-    log = {}
-    for r in (1, 5, 10):
-        log[f"txt_r{r}"] = sum(rank < r for rank in txt_rank) / n_img
-    for r in (1, 5, 10):
-        hits = int((hit_rank < r).sum())
-        if original_counting:
-            hits += int((hit_row < r).sum())
-        log[f"img_r{r}"] = hits / n_txt
+    gt_img = gt_image_index(txt_ids, img_ids, txt2img)
+    metrics = retrieval_metrics(score_matrix.cpu(), gt_img, original_counting)
+    log = {key: metrics[key] for key in RECALL_KEYS}
     for name in ("txt", "img"):
         log[f"{name}_r_mean"] = (log[f"{name}_r1"] + log[f"{name}_r5"] + log[f"{name}_r10"]) / 3
     log["r_mean"] = (log["txt_r_mean"] + log["img_r_mean"]) / 2
@@ -82,12 +62,12 @@ def gather_scores(model, eval_loader, IAIS=False):
 
 
 @torch.no_grad()
-def evaluate(model, eval_loader, IAIS=False):
+def evaluate(model, eval_loader, IAIS=False, original_counting=False):
     """Full R@K evaluation (every text against every image), the same on every rank."""
     st = time()
     scores, txt_ids, img_ids = gather_scores(model, eval_loader, IAIS)
     dset = eval_loader.dataset
-    log = itm_eval(scores, txt_ids, img_ids, dset.txt2img, dset.img2txts)
+    log = itm_eval(scores, txt_ids, img_ids, dset.txt2img, dset.img2txts, original_counting)
     LOGGER.info("evaluation finished in %d seconds", time() - st)
     return log
 
@@ -101,12 +81,9 @@ def validate(model, val_loader):
     hits = torch.zeros(3)
     n = 0
     for batch in tqdm(val_loader, desc="validation", disable=not is_main_process()):
-        scores = model(batch, compute_loss=False).squeeze(1)
-        top = scores.topk(min(10, scores.numel())).indices
-        rank = (top == 0).nonzero()
-        if rank.numel():
-            r = rank.item()
-            hits += torch.tensor([r < 1, r < 5, r < 10], dtype=torch.float)
+        scores = model(batch, compute_loss=False).float().cpu().t()  # [1, candidates], the true image first
+        rank = int(text_query_ranks(scores, torch.zeros(1, dtype=torch.long)))
+        hits += torch.tensor([rank <= k for k in KS], dtype=torch.float)
         n += 1
     totals = all_gather_object((n, hits.tolist()))
     n = sum(t[0] for t in totals)
@@ -119,11 +96,19 @@ def validate(model, val_loader):
     return log
 
 
-def format_recall_table(log):
-    """The R@K dict as a small text table (percentages)."""
+def add_counting_arg(parser):
+    """--original_counting, shared by training and inference."""
+    parser.add_argument("--original_counting", type=int, choices=[0, 1], default=0,
+                        help="0: textbook recall; 1: image-retrieval R@K counted as the original code "
+                             "(the paper's numbers)")
+
+
+def format_recall_table(log, original_counting=False):
+    """The R@K dict as a small text table (percentages) naming its counting."""
     rows = [("image retrieval", "img"), ("text retrieval", "txt")]
     lines = [f"{'':<16} {'R@1':>7} {'R@5':>7} {'R@10':>7}"]
     for title, key in rows:
         lines.append(f"{title:<16} " + " ".join(f"{log[f'{key}_r{r}'] * 100:7.2f}" for r in (1, 5, 10)))
     lines.append(f"{'R mean':<16} {log['r_mean'] * 100:7.2f}")
+    lines.append(f"({counting_name(original_counting)} recall counting)")
     return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Build a txt_db and a twin-groups file from Winoground's examples.jsonl.
+
+    python scripts/prepro_winoground.py --examples winoground/data/examples.jsonl \\
+        --vocab /pretrain/bert-base-cased-vocab.txt --output /txt
+
+writes /txt/itm_winoground.db (both captions of every example, WordPiece-tokenised from the
+local vocab file; text ids "winoground_{id}_0" and "winoground_{id}_1", each caption naming
+its own image) and /txt/winoground_groups.json (a list of {id, caption_0, caption_1, image_0,
+image_1}, the input of scripts/retrieval_metrics.py --groups). Each line of examples.jsonl
+needs the fields id, image_0, image_1, caption_0 and caption_1. An image's img_fname is
+"{image}.npz" (ex_0_img_0 -> ex_0_img_0.npz; change it with --img_fname): the name that
+scripts/convert_imgdir.py gives the BUTD features of images/ex_0_img_0.png saved as
+ex_0_img_0.npz.
+"""
+import json
+import os
+import sys
+from os.path import abspath, dirname, join
+
+sys.path.insert(0, dirname(dirname(abspath(__file__))))
+from data.db import DataError, write_txt_db  # noqa: E402
+from prepro_itm import build_meta, caption_value  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import ConfigError, make_parser  # noqa: E402
+
+FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1")
+DB_NAME = "itm_winoground.db"
+GROUPS_NAME = "winoground_groups.json"
+
+
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--examples", default=None, help="Winoground's examples.jsonl")
+    a("--vocab", default=None, help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
+    a("--output", default=None, help="folder for the txt_db and the groups file")
+    a("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
+    a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
+    a("--img_fname", default="{image}.npz", help="img_fname template of an image ({image}: its name)")
+    return p
+
+
+def read_examples(path):
+    """The examples of a JSON-lines file, each checked for the fields used here."""
+    if not os.path.exists(path):
+        raise ConfigError(f"examples file {path} not found")
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {n}: invalid JSON ({e.msg}); one example per line") from None
+            missing = [k for k in FIELDS if not isinstance(example, dict) or k not in example]
+            if missing:
+                raise DataError(f"{path} line {n} lacks {', '.join(missing)}; every example needs "
+                                f"{', '.join(FIELDS)}")
+            examples.append(example)
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+def captions_and_groups(examples, tokenizer, img_fname):
+    """({text id: txt_db value}, [group]) of the examples; caption k goes with image k."""
+    captions, groups = {}, []
+    for example in examples:
+        group = {"id": example["id"]}
+        for k in (0, 1):
+            txt_id = f"winoground_{example['id']}_{k}"
+            if txt_id in captions:
+                raise DataError(f"example id {example['id']!r} occurs twice; ids must be unique")
+            image = img_fname.format(image=example[f"image_{k}"])
+            captions[txt_id] = caption_value(tokenizer, example[f"caption_{k}"], txt_id, image)
+            group[f"caption_{k}"], group[f"image_{k}"] = txt_id, image
+        groups.append(group)
+    return captions, groups
+
+
+def main(opts):
+    for key in ("examples", "vocab", "output"):
+        if not getattr(opts, key):
+            raise ConfigError(f"--{key} is required")
+    if not os.path.exists(opts.vocab):
+        raise ConfigError(f"vocab file {opts.vocab} not found")
+    try:
+        opts.img_fname.format(image="ex_0_img_0")
+    except (KeyError, IndexError, ValueError):
+        raise ConfigError(f"--img_fname {opts.img_fname!r} may only use the field {{image}}") from None
+    from pytorch_pretrained_bert import BertTokenizer
+    examples = read_examples(opts.examples)
+    tokenizer = BertTokenizer(opts.vocab, do_lower_case=opts.uncased)
+    captions, groups = captions_and_groups(examples, tokenizer, opts.img_fname)
+    os.makedirs(opts.output, exist_ok=True)
+    db_dir = join(opts.output, DB_NAME)
+    write_txt_db(db_dir, captions, build_meta(tokenizer, opts.toker))
+    with open(join(opts.output, GROUPS_NAME), "w", encoding="utf-8") as f:
+        json.dump(groups, f, indent=1)
+    print(f"{db_dir}: {len(captions)} captions of {len({c['img_fname'] for c in captions.values()})} images; "
+          f"{join(opts.output, GROUPS_NAME)}: {len(groups)} groups")
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
