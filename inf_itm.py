@@ -18,7 +18,8 @@ from data import (WORKER_TYPES, DetectFeatLmdb, ItmEvalDataset, PrefetchLoader, 
                   make_loader)
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
-from utils.checkpoint import atomic_save, load_checkpoint
+from utils.checkpoint import atomic_save
+from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
 from utils.config import ConfigError, add_box_args, load_json, make_parser
 from utils.itm_eval import format_recall_table, gather_scores, itm_eval
@@ -47,6 +48,10 @@ def build_parser():
     a("--original_counting", type=int, choices=[0, 1], default=1,
       help="1: image-retrieval R@K counted as the original code (the paper's numbers); 0: textbook")
     a("--collective_timeout", type=int, default=600, help="seconds before a collective gives up")
+    a("--allow_random_init", action="store_true",
+      help="evaluate even when the checkpoint leaves part of the model at random initialisation")
+    a("--allow_nonfinite_scores", action="store_true", help="write the recall even when some scores are not finite")
+    a("--overwrite", action="store_true", help="replace the results of an earlier evaluation in output_dir")
     return p
 
 
@@ -56,6 +61,7 @@ def main(opts):
             raise ConfigError(f"--{key} is required")
     if opts.batch_size <= 0:
         raise ConfigError(f"--batch_size must be positive, got {opts.batch_size}")
+    refuse_earlier_results(opts.output_dir, ("scores.json", "score_matrix.pt"), opts.overwrite)
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
     if opts.train_config is not None:
@@ -70,10 +76,12 @@ def main(opts):
     txt_db = TxtTokLmdb(opts.txt_db, -1)
     dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS)
 
-    state = load_checkpoint(opts.checkpoint)
-    model = UniterForImageTextRetrieval.from_pretrained(opts.model_config, state, img_dim=IMG_DIM, pairs_num=1)
+    model, state = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint,
+                              opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
+    check_split(txt_db, img_db, model.config, IMG_DIM)
     if not any(k.endswith("rank_output.weight") for k in state):
-        LOGGER.info("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)
+        check_head(state, opts.checkpoint, opts.allow_random_init)
+        LOGGER.warning("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)
         model.init_output()
     model.to(device).eval()
 
@@ -81,6 +89,7 @@ def main(opts):
                             device)
     with autocast(device, amp_dtype):
         scores, txt_ids, img_ids = gather_scores(model, loader, opts.IAIS)
+    check_scores_finite(scores, txt_ids, img_ids, opts.allow_nonfinite_scores)
     if dist.is_main_process():
         log = itm_eval(scores, txt_ids, img_ids, txt_db.txt2img, txt_db.img2txts,
                        original_counting=bool(opts.original_counting))

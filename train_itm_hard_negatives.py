@@ -24,12 +24,13 @@ from data import (WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHa
                   TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
-from utils.checkpoint import latest_training_state, load_checkpoint, save_model, save_training_state
+from utils.checkpoint import latest_training_state, load_model_state, restore_training_state, save_model, save_training_state
+from utils.checks import check_split, load_model
 from utils.cli import TrainingError, run
 from utils.config import ConfigError, add_box_args, load_json, make_parser
 from utils.itm_eval import evaluate, format_recall_table, validate
 from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
-from utils.misc import rng_state, set_dropout, set_random_seed, set_rng_state
+from utils.misc import rng_state, set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched, tsa_weight
 from utils.precision import autocast, make_scaler, resolve_amp
 
@@ -76,6 +77,8 @@ def build_parser():
       help="stop after this many consecutive steps with non-finite gradients")
     a("--collective_timeout", type=int, default=600,
       help="seconds before a distributed collective gives up (a dead rank stops the others)")
+    a("--allow_random_init", action="store_true",
+      help="train even when --checkpoint leaves part of the model at random initialisation")
     return p
 
 
@@ -117,9 +120,8 @@ def prepare_output_dir(opts):
 
 
 def build_model(opts, device):
-    state = load_checkpoint(opts.checkpoint) if opts.checkpoint else {}
-    model = UniterForImageTextRetrievalHardNeg.from_pretrained(
-        opts.model_config, state, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size)
+    model, _ = load_model(UniterForImageTextRetrievalHardNeg, opts.model_config, opts.checkpoint,
+                          opts.allow_random_init, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size)
     model.init_output()  # the ranking head starts from the pre-trained ITM head
     set_dropout(model, opts.dropout)
     return model.to(device)
@@ -172,6 +174,8 @@ def main(opts):
     # data and weights are checked before anything is written to output_dir
     dsets = build_datasets(opts)
     model = build_model(opts, device)
+    for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
+        check_split(dset.txt_db, dset.img_db, model.config, IMG_DIM)
 
     ckpt_dir, log_dir = join(opts.output_dir, "ckpt"), join(opts.output_dir, "log")
     if is_main:
@@ -199,15 +203,9 @@ def main(opts):
 
     global_step = 0
     if opts.resume:
-        step, model_path, state_path = latest_training_state(ckpt_dir)
-        model.load_state_dict(load_checkpoint(model_path))
-        state = load_checkpoint(state_path, "training state")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        for side, s in streams.items():
-            s.load_state_dict(state["streams"][side])
-        global_step = state["global_step"]
-        set_rng_state(state["rng"][dist.get_rank()] if dist.get_rank() < len(state["rng"]) else state["rng"][0])
+        _, model_path, state_path = latest_training_state(ckpt_dir)
+        model.load_state_dict(load_model_state(model_path))
+        global_step = restore_training_state(state_path, optimizer, scaler, streams, dist.get_rank())
         LOGGER.info("resumed from %s at step %d", state_path, global_step)
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -47,8 +47,31 @@ def open_readonly(path):
     on read-only media; read-ahead only when one process per node reads it."""
     if not isdir(path) or not exists(join(path, "data.mdb")):
         raise DataError(f"{path} is not an LMDB directory (no data.mdb)")
-    return lmdb.open(path, readonly=True, create=False, lock=False, subdir=True,
-                     readahead=_processes_on_this_node() == 1, max_readers=1024)
+    try:
+        env = lmdb.open(path, readonly=True, create=False, lock=False, subdir=True,
+                        readahead=_processes_on_this_node() == 1, max_readers=1024)
+        _check_complete(env, path)
+    except lmdb.Error as e:
+        raise lmdb_error(path, e) from None
+    return env
+
+
+def _check_complete(env, path):
+    """LMDB maps data.mdb into memory: a page past the end of a truncated file kills the
+    reader with SIGBUS instead of raising, so the file must hold every page the
+    environment's newest meta page counts."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(join(path, "data.mdb"))
+    if size < needed:
+        env.close()
+        raise DataError(f"{path}/data.mdb is truncated ({size} bytes, the LMDB needs {needed}); "
+                        f"copy or download it again")
+
+
+def lmdb_error(path, error):
+    """A DataError naming the LMDB that a raw lmdb.Error came from."""
+    return DataError(f"{path}/data.mdb is not a readable LMDB ({type(error).__name__}: "
+                     f"{str(error).strip() or 'no detail'}); copy or download it again")
 
 
 _ENVS = {}  # real path -> environment: py-lmdb allows one per file and process
@@ -79,10 +102,17 @@ class ReadOnlyLmdb:
         return txn
 
     def get(self, key):
-        return self._txn().get(key)
+        try:
+            return self._txn().get(key)
+        except lmdb.Error as e:
+            raise lmdb_error(self.path, e) from None
 
-    def cursor(self):
-        return self._txn().cursor()
+    def items(self):
+        """(key, value) of every entry, as buffers."""
+        try:
+            yield from self._txn().cursor()
+        except lmdb.Error as e:
+            raise lmdb_error(self.path, e) from None
 
     def __getstate__(self):
         return {"path": self.path}
@@ -146,6 +176,15 @@ class TxtLmdb:
             return decode_txt(bytes(raw))
         except Exception as e:
             raise DataError(f"{self.db_dir}: corrupt value for key {key!r} ({e})") from None
+
+    def items(self):
+        """(text id, decoded value) of every entry, in key order."""
+        for key, raw in self.txn.items():
+            key = bytes(key).decode("utf-8")
+            try:
+                yield key, decode_txt(raw)
+            except Exception as e:
+                raise DataError(f"{self.db_dir}: corrupt value for key {key!r} ({e})") from None
 
     def __setitem__(self, key, value):
         if self.readonly:
@@ -438,6 +477,7 @@ class DetectFeatLmdb:
                             f"(found: {', '.join(present) or 'nothing'})")
         self.db_dir = join(img_dir, db_name)
         self.txn = ReadOnlyLmdb(self.db_dir)
+        self._finite = set()  # images whose features and boxes were found finite
         if conf_th == -1:
             self.name2nbb = {name: num_bb for name in self.keys()}
         else:
@@ -447,7 +487,7 @@ class DetectFeatLmdb:
         raw = self.txn.get(IMG_DB_KEYS.encode())
         if raw is not None:
             return json.loads(bytes(raw).decode("utf-8"))
-        return [bytes(k).decode("utf-8") for k, _ in self.txn.cursor() if bytes(k) != IMG_DB_KEYS.encode()]
+        return [bytes(k).decode("utf-8") for k, _ in self.txn.items() if bytes(k) != IMG_DB_KEYS.encode()]
 
     def _compute_nbb(self):
         return {name: compute_num_bb(self.read_arrays(name, ("conf",), cut=False)["conf"],
@@ -463,10 +503,23 @@ class DetectFeatLmdb:
             arrays = decode_img_dump(raw, self.compress, keys)
         except Exception as e:
             raise DataError(f"{self.db_dir}: corrupt value for key {fname!r} ({type(e).__name__}: {e})") from None
+        if fname not in self._finite:
+            self._check_finite(fname, arrays)
         if cut:
             nbb = self.name2nbb[fname]
             arrays = {k: a[:nbb] for k, a in arrays.items()}
         return arrays
+
+    def _check_finite(self, fname, arrays):
+        """Non-finite features or boxes give NaN scores and gradients far from their cause:
+        each image is checked the first time this process reads its features."""
+        checked = [k for k in ("features", "norm_bb") if k in arrays]
+        for key in checked:
+            if not np.isfinite(arrays[key]).all():
+                raise DataError(f"{self.db_dir}: image {fname!r} has non-finite values in {key}; "
+                                f"rebuild its features or drop it from the txt_db")
+        if len(checked) == 2:
+            self._finite.add(fname)
 
     def __getitem__(self, fname):
         arrays = self.read_arrays(fname)

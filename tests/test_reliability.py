@@ -124,18 +124,14 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    """Features holding inf make every gradient non-finite: steps are skipped, the run
-    stops after --max_skipped_steps, and no checkpoint with non-finite weights exists."""
-    from data import ImgDbWriter
-    src = __import__("data").DetectFeatLmdb(IMG_DB, 0.2, 100, 10, 36, False)
-    bad = tmp_path / "img"
-    with ImgDbWriter(str(bad), 0.2, 100, 10, 36) as w:
-        for name in src.name2nbb:
-            arrays = src.read_arrays(name, ("features", "norm_bb", "conf", "soft_labels"), cut=False)
-            arrays = {k: np.array(a) for k, a in arrays.items()}
-            arrays["features"][:] = np.inf
-            w.put(name, arrays, src.name2nbb[name])
-    cfg = tiny_train_config(tmp_path / "c.json", train_img_dbs=[str(bad)], num_train_steps=6, valid_steps=1)
+    """Image weights so large (finite, ~1e36) that the embedding overflows make every
+    gradient non-finite: steps are skipped, the run stops after --max_skipped_steps, and no
+    checkpoint with non-finite weights exists."""
+    state = torch.load(os.path.join(FIXTURES, "ref_model.pt"), weights_only=True)
+    state["uniter.img_embeddings.img_linear.weight"] = state["uniter.img_embeddings.img_linear.weight"] * 1e38
+    assert torch.isfinite(state["uniter.img_embeddings.img_linear.weight"]).all()
+    torch.save(state, tmp_path / "huge.pt")
+    cfg = tiny_train_config(tmp_path / "c.json", checkpoint=str(tmp_path / "huge.pt"), num_train_steps=6, valid_steps=1)
     res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(tmp_path / "o"),
                "--max_skipped_steps", "3"])
     assert_one_line_error(res, "3 consecutive steps had non-finite gradients")

@@ -7,6 +7,8 @@ from os.path import dirname, exists, join
 
 import torch
 
+from .misc import set_rng_state
+
 
 class CheckpointError(ValueError):
     pass
@@ -54,6 +56,34 @@ def load_checkpoint(path, what="checkpoint"):
         raise CheckpointError(f"{what} {path} is unreadable or truncated ({_first_line(e)})") from None
 
 
+def _describe(obj):
+    return f"a {type(obj).__name__}" + (f" of {len(obj)} entries" if isinstance(obj, (dict, list, tuple)) else "")
+
+
+def load_model_state(path, what="checkpoint"):
+    """A model state dict from ``path``: a non-empty mapping of names to finite tensors.
+    Anything else (a training state, a list, a dict of other things, NaN weights) is
+    refused with the reason."""
+    state = load_checkpoint(path, what)
+    if isinstance(state, dict) and {"optimizer", "global_step"} <= set(state):
+        raise CheckpointError(f"{what} {path} is a training state (for --resume), not model weights; "
+                              f"pass the model_step_N.pt next to it")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{what} {path} holds {_describe(state)}, not a model state dict "
+                              f"(parameter names mapped to tensors)")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{what} {path}: entry {key!r} holds {_describe(value)}, not a tensor; "
+                                  f"this is not a model state dict")
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        raise CheckpointError(f"{what} {path}: {len(bad)} tensor(s) hold non-finite values (first: {first}, "
+                              f"{bad[first]} values); these weights are unusable")
+    return state
+
+
 def state_dict_on_cpu(model):
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
@@ -76,6 +106,31 @@ def save_model(model, ckpt_dir, tag):
 def save_training_state(ckpt_dir, step, state):
     """ckpt/train_state_{step}.pt, written after model_step_{step}.pt."""
     atomic_save(state, join(ckpt_dir, f"train_state_{step}.pt"))
+
+
+def _settings(param_groups):
+    return sorted(k for group in param_groups for k in group if k != "params")
+
+
+def restore_training_state(path, optimizer, scaler, streams, rank):
+    """Load ckpt/train_state_{N}.pt into the optimizer, the loss scaler, the data streams
+    and the RNGs; returns the step. A state written by another optimiser, model or format
+    is refused with one line instead of failing at the first step."""
+    state = load_checkpoint(path, "training state")
+    try:
+        saved = state["optimizer"]["param_groups"]
+        if _settings(saved) != _settings(optimizer.param_groups):
+            raise ValueError(f"written by another optimiser (settings {', '.join(sorted(set(_settings(saved))))})")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        for side, stream in streams.items():
+            stream.load_state_dict(state["streams"][side])
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        return int(state["global_step"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"training state {path} does not fit this run ({type(e).__name__}: {_first_line(e)}); "
+                              f"resume with the options it was written with (log/hps.json)") from None
 
 
 def latest_training_state(ckpt_dir):
