@@ -21,7 +21,7 @@ from utils import distributed as dist
 from utils.checkpoint import atomic_save
 from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
-from utils.config import ConfigError, add_box_args, load_json, make_parser
+from utils.config import NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, load_json, make_parser
 from utils.itm_eval import format_recall_table, gather_scores, itm_eval
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
@@ -37,17 +37,17 @@ def build_parser():
     a("--output_dir", type=str, default=None, help="where scores.json and score_matrix.pt go")
     a("--train_config", type=str, default=None, help="hps.json of training: take its box settings")
     add_box_args(p)
-    a("--batch_size", type=int, default=400, help="images per forward pass")
+    a("--batch_size", type=int, default=400, valid=POSITIVE, help="images per forward pass")
     a("--fp16", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype (fp16 is kept even on a CPU)")
-    a("--n_workers", type=int, default=4, help="data loader workers (0: in the evaluation loop)")
+    a("--n_workers", type=int, default=4, valid=NON_NEGATIVE, help="data loader workers (0: in the evaluation loop)")
     a("--worker_type", choices=WORKER_TYPES, default="thread", help="data loader workers are threads or processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
       help="score in the padded layout IAIS training uses (same scores)")
     a("--original_counting", type=int, choices=[0, 1], default=1,
       help="1: image-retrieval R@K counted as the original code (the paper's numbers); 0: textbook")
-    a("--collective_timeout", type=int, default=600, help="seconds before a collective gives up")
+    a("--collective_timeout", type=int, default=600, valid=POSITIVE, help="seconds before a collective gives up")
     a("--allow_random_init", action="store_true",
       help="evaluate even when the checkpoint leaves part of the model at random initialisation")
     a("--allow_nonfinite_scores", action="store_true", help="write the recall even when some scores are not finite")
@@ -59,8 +59,6 @@ def main(opts):
     for key in ("txt_db", "img_db", "checkpoint", "model_config", "output_dir"):
         if not getattr(opts, key):
             raise ConfigError(f"--{key} is required")
-    if opts.batch_size <= 0:
-        raise ConfigError(f"--batch_size must be positive, got {opts.batch_size}")
     refuse_earlier_results(opts.output_dir, ("scores.json", "score_matrix.pt"), opts.overwrite)
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())

@@ -24,18 +24,20 @@ from data import (WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHa
                   TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
-from utils.checkpoint import latest_training_state, load_model_state, restore_training_state, save_model, save_training_state
+from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
+                              save_training_state)
 from utils.checks import check_split, load_model
 from utils.cli import TrainingError, run
-from utils.config import ConfigError, add_box_args, load_json, make_parser
+from utils.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, load_json,
+                          make_parser)
 from utils.itm_eval import evaluate, format_recall_table, validate
 from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
 from utils.misc import rng_state, set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched, tsa_weight
 from utils.precision import autocast, make_scaler, resolve_amp
 
-CONFIG_ONLY_KEYS = ("train_txt_dbs", "train_img_dbs", "val_txt_db", "val_img_db",
-                    "test_txt_db", "test_img_db", "model_config")
+CONFIG_ONLY_KEYS = {"train_txt_dbs": "paths", "train_img_dbs": "paths", "val_txt_db": "path", "val_img_db": "path",
+                    "test_txt_db": "path", "test_img_db": "path", "model_config": "path"}
 
 
 def build_parser():
@@ -44,28 +46,31 @@ def build_parser():
     add_box_args(p)
     a("--checkpoint", type=str, default=None, help="initial weights (pre-trained UNITER .pt)")
     a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go")
-    a("--max_txt_len", type=int, default=60, help="drop training captions longer than this")
-    a("--train_batch_size", type=int, default=32, help="positives per optimizer step (gradient accumulation)")
-    a("--negative_size", type=int, default=511, help="negatives scored per positive (no gradient)")
-    a("--hard_neg_size", type=int, default=31, help="hardest negatives trained on per positive")
-    a("--inf_minibatch_size", type=int, default=512, help="images per forward in validation/evaluation")
-    a("--margin", type=float, default=0.2, help="margin of the ranking loss")
-    a("--learning_rate", type=float, default=3e-5, help="peak learning rate")
-    a("--valid_steps", type=int, default=1000, help="validate and checkpoint every N optimizer steps")
-    a("--num_train_steps", type=int, default=100000, help="optimizer steps in all")
+    a("--max_txt_len", type=int, default=60, valid=POSITIVE, help="drop training captions longer than this")
+    a("--train_batch_size", type=int, default=32, valid=POSITIVE,
+      help="positives per optimizer step (gradient accumulation)")
+    a("--negative_size", type=int, default=511, valid=POSITIVE, help="negatives scored per positive (no gradient)")
+    a("--hard_neg_size", type=int, default=31, valid=POSITIVE, help="hardest negatives trained on per positive")
+    a("--inf_minibatch_size", type=int, default=512, valid=POSITIVE, help="images per forward in validation/evaluation")
+    a("--margin", type=float, default=0.2, valid=NON_NEGATIVE, help="margin of the ranking loss")
+    a("--learning_rate", type=float, default=3e-5, valid=Range(0, low_open=True), help="peak learning rate")
+    a("--valid_steps", type=int, default=1000, valid=POSITIVE, help="validate and checkpoint every N optimizer steps")
+    a("--num_train_steps", type=int, default=100000, valid=POSITIVE, help="optimizer steps in all")
     a("--optim", default="adam", choices=["adam", "adamax", "adamw"], help="optimizer")
-    a("--betas", type=float, nargs="+", default=[0.9, 0.98], help="Adam betas")
-    a("--dropout", type=float, default=0.1, help="dropout probability of every dropout layer")
-    a("--weight_decay", type=float, default=0.01, help="weight decay (not on bias/LayerNorm)")
-    a("--grad_norm", type=float, default=0.25, help="gradient clipping norm (-1: off)")
-    a("--warmup_steps", type=int, default=4000, help="linear learning-rate warm-up steps")
-    a("--seed", type=int, default=42, help="random seed")
+    a("--betas", type=float, nargs="+", default=[0.9, 0.98], valid=PROBABILITY, help="Adam betas")
+    a("--dropout", type=float, default=0.1, valid=PROBABILITY, help="dropout probability of every dropout layer")
+    a("--weight_decay", type=float, default=0.01, valid=NON_NEGATIVE, help="weight decay (not on bias/LayerNorm)")
+    a("--grad_norm", type=float, default=0.25, valid=Range(0, low_open=True, also=(-1,)),
+      help="gradient clipping norm (-1: off)")
+    a("--warmup_steps", type=int, default=4000, valid=NON_NEGATIVE, help="linear learning-rate warm-up steps")
+    a("--seed", type=int, default=42, valid=Range(0, 2**32 - 1), help="random seed")
     a("--full_val", action="store_true", help="full R@K evaluation at every validation")
     a("--fp16", action="store_true", help="mixed precision (float16 + loss scaling on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None,
       help="mixed-precision dtype: bf16 (no loss scaling) or fp16 (with loss scaling, kept even on a CPU); "
            "default fp16 with --fp16")
-    a("--n_workers", type=int, default=4, help="data loader workers per stream (0: in the training loop)")
+    a("--n_workers", type=int, default=4, valid=NON_NEGATIVE,
+      help="data loader workers per stream (0: in the training loop)")
     a("--worker_type", choices=WORKER_TYPES, default="thread",
       help="data loader workers are threads (default: batches handed over without a copy) or processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
@@ -74,9 +79,9 @@ def build_parser():
       help="IAIS alignment: singular or distributed (default: off)")
     a("--resume", action="store_true", help="continue from the last training state in output_dir")
     a("--max_skipped_steps", type=int, default=100,
-      help="stop after this many consecutive steps with non-finite gradients")
+      valid=POSITIVE, help="stop after this many consecutive steps with non-finite gradients")
     a("--collective_timeout", type=int, default=600,
-      help="seconds before a distributed collective gives up (a dead rank stops the others)")
+      valid=POSITIVE, help="seconds before a distributed collective gives up (a dead rank stops the others)")
     a("--allow_random_init", action="store_true",
       help="train even when --checkpoint leaves part of the model at random initialisation")
     return p
@@ -103,9 +108,8 @@ def check_options(opts):
         raise ConfigError(f"hard_neg_size {opts.hard_neg_size} exceeds negative_size {opts.negative_size}")
     if len(opts.betas) != 2:
         raise ConfigError(f"--betas takes two numbers, got {opts.betas}")
-    for key in ("num_train_steps", "train_batch_size", "valid_steps", "inf_minibatch_size"):
-        if getattr(opts, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(opts, key)}")
+    if opts.conf_th != -1 and opts.min_bb > opts.max_bb:
+        raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
 
 
 def prepare_output_dir(opts):

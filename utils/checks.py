@@ -104,9 +104,9 @@ def _check_links(txt_db):
                                 f"gives {txt2img.get(txt)!r}; rebuild the txt_db")
     for txt in txt_db.id2len:
         if txt not in txt2img or listed.get(txt) != txt2img[txt]:
-            raise DataError(f"{txt_db.db_dir}: text id {txt!r} of id2len.json is "
-                            + ("not in txt2img.json" if txt not in txt2img else
-                               f"not listed under its image {txt2img[txt]!r} in img2txts.json") + "; rebuild the txt_db")
+            where = ("not in txt2img.json" if txt not in txt2img else
+                     f"not listed under its image {txt2img[txt]!r} in img2txts.json")
+            raise DataError(f"{txt_db.db_dir}: text id {txt!r} of id2len.json is {where}; rebuild the txt_db")
 
 
 def _check_captions(txt_db, vocab_size, max_len):
@@ -129,7 +129,8 @@ def _check_captions(txt_db, vocab_size, max_len):
         if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
             raise DataError(f"{txt_db.db_dir}: text {txt!r} has no list of integer input_ids; rebuild the txt_db")
         if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
-            raise DataError(f"{txt_db.db_dir}: text {txt!r} holds token id {max(ids) if max(ids) >= vocab_size else min(ids)} "
+            token = max(ids) if max(ids) >= vocab_size else min(ids)
+            raise DataError(f"{txt_db.db_dir}: text {txt!r} holds token id {token} "
                             f"outside the model's vocabulary (vocab_size {vocab_size}); the txt_db was made with "
                             f"another vocabulary than the model config's")
         if len(ids) != id2len[txt]:
