@@ -21,7 +21,7 @@ from utils import distributed as dist
 from utils.checkpoint import atomic_save
 from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
-from utils.config import NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, load_json, make_parser
+from utils.config import NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, make_parser, take_settings
 from utils.itm_eval import format_recall_table, gather_scores, itm_eval
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
@@ -63,20 +63,16 @@ def main(opts):
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
     if opts.train_config is not None:
-        train_opts = load_json(opts.train_config, "train config")
-        for key in ("conf_th", "max_bb", "min_bb", "num_bb"):
-            if key in train_opts:
-                setattr(opts, key, train_opts[key])
+        take_settings(build_parser(), opts, opts.train_config, ("conf_th", "max_bb", "min_bb", "num_bb"))
     amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)
 
     img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
                             opts.compressed_db)
     txt_db = TxtTokLmdb(opts.txt_db, -1)
-    dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS)
-
     model, state = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint,
                               opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)
+    dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS)
     if not any(k.endswith("rank_output.weight") for k in state):
         check_head(state, opts.checkpoint, opts.allow_random_init)
         LOGGER.warning("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)

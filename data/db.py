@@ -35,6 +35,15 @@ def _load_json(path):
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+def _load_json_map(path, value_type, what):
+    """A JSON object whose values are all ``value_type`` (``what`` names them in the error)."""
+    obj = _load_json(path)
+    if not isinstance(obj, dict) or not all(isinstance(v, value_type) and not isinstance(v, bool)
+                                            for v in obj.values()):
+        raise DataError(f"{path} must be a JSON object mapping names to {what}; rebuild it")
+    return obj
+
+
 def _processes_on_this_node():
     for var in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         if os.environ.get(var):
@@ -209,18 +218,19 @@ class TxtTokLmdb:
     def __init__(self, db_dir, max_txt_len=60):
         if not isdir(db_dir):
             raise DataError(f"txt_db {db_dir} not found")
-        id2len = _load_json(join(db_dir, "id2len.json"))
+        id2len = _load_json_map(join(db_dir, "id2len.json"), int, "caption lengths")
         self.id2len = (id2len if max_txt_len == -1 else
                        {id_: n for id_, n in id2len.items() if n <= max_txt_len})
         self.db_dir = db_dir
         self.db = TxtLmdb(db_dir, readonly=True)
         meta = _load_json(join(db_dir, "meta.json"))
-        try:
-            self.cls_, self.sep, self.mask = meta["CLS"], meta["SEP"], meta["MASK"]
-            self.v_range = meta["v_range"]
-        except KeyError as e:
-            raise DataError(f"{db_dir}/meta.json lacks key {e}") from None
+        for key in ("CLS", "SEP", "MASK"):
+            if not isinstance(meta, dict) or not isinstance(meta.get(key), int) or isinstance(meta[key], bool):
+                raise DataError(f"{db_dir}/meta.json: {key} must be a token id (an integer); rebuild the txt_db")
+        self.cls_, self.sep, self.mask = meta["CLS"], meta["SEP"], meta["MASK"]
+        self.v_range = meta.get("v_range")
         self._txt2img = self._img2txts = None
+        self._links_checked = False
 
     def __getitem__(self, id_):
         return self.db[id_]
@@ -232,16 +242,35 @@ class TxtTokLmdb:
             input_ids.extend(list(ids) + [self.sep])
         return torch.tensor(input_ids)
 
+    def check_links(self):
+        """Every caption's image lists the caption back, and every listed caption points
+        to that image (checked once per DB object)."""
+        if self._links_checked:
+            return
+        txt2img, img2txts, listed = self.txt2img, self.img2txts, {}
+        for img, txts in img2txts.items():
+            for txt in txts:
+                listed[txt] = img
+                if txt2img.get(txt) != img:
+                    raise DataError(f"{self.db_dir}: img2txts.json lists {txt!r} under {img!r} but txt2img.json "
+                                    f"gives {txt2img.get(txt)!r}; rebuild the txt_db")
+        for txt in self.id2len:
+            if txt not in txt2img or listed.get(txt) != txt2img[txt]:
+                where = ("not in txt2img.json" if txt not in txt2img else
+                         f"not listed under its image {txt2img[txt]!r} in img2txts.json")
+                raise DataError(f"{self.db_dir}: text id {txt!r} of id2len.json is {where}; rebuild the txt_db")
+        self._links_checked = True
+
     @property
     def txt2img(self):
         if self._txt2img is None:
-            self._txt2img = _load_json(join(self.db_dir, "txt2img.json"))
+            self._txt2img = _load_json_map(join(self.db_dir, "txt2img.json"), str, "image file names")
         return self._txt2img
 
     @property
     def img2txts(self):
         if self._img2txts is None:
-            self._img2txts = _load_json(join(self.db_dir, "img2txts.json"))
+            self._img2txts = _load_json_map(join(self.db_dir, "img2txts.json"), list, "lists of text ids")
         return self._img2txts
 
 
@@ -462,14 +491,14 @@ class DetectFeatLmdb:
         if conf_th == -1:
             name2nbb = None
         elif exists(join(img_dir, nbb_file)):
-            name2nbb = _load_json(join(img_dir, nbb_file))
+            name2nbb = _load_json_map(join(img_dir, nbb_file), int, "box counts")
         else:
             name2nbb = None
             fallback = "all_compressed" if compress else "all"
             if exists(join(img_dir, fallback)):
                 db_name = fallback
                 if not compress:
-                    name2nbb = _load_json(join(img_dir, "nbb.json"))
+                    name2nbb = _load_json_map(join(img_dir, "nbb.json"), int, "box counts")
         if not exists(join(img_dir, db_name)):
             present = sorted(d for d in os.listdir(img_dir) if isdir(join(img_dir, d)))
             raise DataError(f"{img_dir} has no {db_name}/ for conf_th={conf_th} max_bb={max_bb} "

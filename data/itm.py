@@ -78,6 +78,7 @@ class DetectFeatTxtTokDataset(Dataset):
         if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, DetectFeatLmdb):
             raise TypeError("expected a TxtTokLmdb and a DetectFeatLmdb")
         self.txt_db, self.img_db = txt_db, img_db
+        txt_db.check_links()
         self._feat_buffers = RecycledBuffers()
         txt_lens, self.ids = get_ids_and_lens(txt_db)
         if not txt_db.id2len:

@@ -43,10 +43,23 @@ def _first_line(error):
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
 
+def _looks_like_torch_save(path):
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: first byte 0x80)."""
+    if os.path.isdir(path):
+        return False
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
+
+
 def load_checkpoint(path, what="checkpoint"):
     """torch.load(weights_only=True): a file that needs pickled code is refused, unrun."""
     if not exists(path):
         raise CheckpointError(f"{what} {path} not found")
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{what} {path} is unreadable: not a file written by torch.save "
+                              f"(neither its zip format nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -88,27 +88,6 @@ def load_model(cls, model_config, checkpoint, allow_random_init=False, **kwargs)
 _SCANNED = set()  # (txt_db, vocab_size, longest caption allowed) already checked in this process
 
 
-def _check_links(txt_db):
-    """Every caption's image lists the caption back, and every listed caption points to it."""
-    txt2img, img2txts = txt_db.txt2img, txt_db.img2txts
-    if not isinstance(txt2img, dict) or not isinstance(img2txts, dict):
-        raise DataError(f"{txt_db.db_dir}: txt2img.json and img2txts.json must be JSON objects")
-    listed = {}
-    for img, txts in img2txts.items():
-        if not isinstance(txts, list):
-            raise DataError(f"{txt_db.db_dir}/img2txts.json: {img!r} must map to a list of text ids")
-        for txt in txts:
-            listed[txt] = img
-            if txt2img.get(txt) != img:
-                raise DataError(f"{txt_db.db_dir}: img2txts.json lists {txt!r} under {img!r} but txt2img.json "
-                                f"gives {txt2img.get(txt)!r}; rebuild the txt_db")
-    for txt in txt_db.id2len:
-        if txt not in txt2img or listed.get(txt) != txt2img[txt]:
-            where = ("not in txt2img.json" if txt not in txt2img else
-                     f"not listed under its image {txt2img[txt]!r} in img2txts.json")
-            raise DataError(f"{txt_db.db_dir}: text id {txt!r} of id2len.json is {where}; rebuild the txt_db")
-
-
 def _check_captions(txt_db, vocab_size, max_len):
     """Token ids inside the model's vocabulary, lengths as id2len.json says and within the
     position table, for every caption the split uses."""
@@ -116,9 +95,8 @@ def _check_captions(txt_db, vocab_size, max_len):
     if key in _SCANNED:
         return
     id2len, seen = txt_db.id2len, 0
-    special = {"CLS": txt_db.cls_, "SEP": txt_db.sep}
-    for name, token in special.items():
-        if not isinstance(token, int) or not 0 <= token < vocab_size:
+    for name, token in (("CLS", txt_db.cls_), ("SEP", txt_db.sep)):
+        if not 0 <= token < vocab_size:
             raise DataError(f"{txt_db.db_dir}/meta.json: {name} {token!r} is outside the model's vocabulary "
                             f"(vocab_size {vocab_size})")
     for txt, value in txt_db.db.items():
@@ -163,7 +141,7 @@ def _check_img_db(img_db, img_dim):
 
 def check_split(txt_db, img_db, config, img_dim):
     """Every start-up check of one (txt_db, img_db) split against the model config."""
-    _check_links(txt_db)
+    txt_db.check_links()
     _check_captions(txt_db, config.vocab_size, config.max_position_embeddings)
     _check_img_db(img_db, img_dim)
 

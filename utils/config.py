@@ -174,6 +174,19 @@ def parse_with_config(parser, argv=None, config_only_keys=()):
     return args
 
 
+def take_settings(parser, opts, path, keys, what="train config"):
+    """Set ``keys`` of ``opts`` from the JSON object at ``path`` (e.g. a training run's
+    hps.json), each checked as if it were given in --config."""
+    settings = load_json(path, what)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{what} {path} must be a JSON object, got {type(settings).__name__}")
+    actions = {a.dest: a for a in parser._actions}
+    for key in keys:
+        if key in settings:
+            setattr(opts, key, _check_type(actions[key], key, settings[key], path))
+    _check_values(parser, opts)
+
+
 def add_box_args(parser):
     """The img_db box-selection flags shared by every command that opens an img_db."""
     a = parser.add_argument
