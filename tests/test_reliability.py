@@ -116,11 +116,28 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous file there is intact"):
+    with pytest.raises(CheckpointError, match="no space left on the device holding .*previous file there is intact"):
         atomic_save({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(CheckpointError, match="no space left .*; nothing was written there$"):
+        atomic_save({"w": torch.zeros(3)}, str(tmp_path / "model_step_4.pt"))
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(str(path))["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model_step_2.pt"]
+
+
+def test_serializer_write_failure_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save's own error on a full disk names no reason; the free space does."""
+    import shutil
+    from collections import namedtuple
+
+    def failed_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failed_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: namedtuple("usage", "total used free")(100, 100, 0))
+    with pytest.raises(CheckpointError, match=f"could not write .*: no space left on the device holding {tmp_path}"):
+        atomic_save({"w": torch.zeros(3)}, str(tmp_path / "m.pt"))
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):

@@ -1,6 +1,8 @@
 """Checkpoints: atomic writes, pickle-free loads, and the training state for --resume."""
+import errno
 import os
 import pickle
+import shutil
 import re
 import zipfile
 from os.path import dirname, exists, join
@@ -29,13 +31,29 @@ def atomic_save(obj, path):
         if exists(tmp):
             os.remove(tmp)
         if isinstance(e, (OSError, RuntimeError)):
-            raise CheckpointError(f"could not write {path} ({e}); the previous file there is intact") from None
+            kept = "; the previous file there is intact" if exists(path) else "; nothing was written there"
+            raise CheckpointError(f"could not write {path}: {_write_failure(e, directory)}{kept}") from None
         raise
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_failure(error, directory):
+    """Why a write failed, in the user's terms: torch.save's serializer reports a full disk
+    as 'file write failed' without the system's reason, so the free space is looked at."""
+    if getattr(error, "errno", None) == errno.ENOSPC or (
+            isinstance(error, RuntimeError) and "write failed" in str(error)
+            and shutil.disk_usage(directory).free < _LOW_SPACE):
+        return f"no space left on the device holding {directory}; free some space and run again"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({directory})"
+    return _first_line(error)
+
+
+_LOW_SPACE = 64 << 20
 
 
 def _first_line(error):
