@@ -32,7 +32,7 @@ from utils.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Rang
                           make_parser)
 from utils.itm_eval import evaluate, format_recall_table, validate
 from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
-from utils.misc import rng_state, set_dropout, set_random_seed
+from utils.misc import LOCK_NAME, lock_dir, rng_state, set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched, tsa_weight
 from utils.precision import autocast, make_scaler, resolve_amp
 
@@ -112,15 +112,50 @@ def check_options(opts):
         raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
 
 
+_RUN_FOLDERS = {"log", "ckpt", "results_test", LOCK_NAME}
+
+
+def _started_without_checkpoint(output_dir):
+    """Whether ``output_dir`` holds only what a run leaves before its first checkpoint."""
+    entries = set(os.listdir(output_dir))
+    ckpt, results = join(output_dir, "ckpt"), join(output_dir, "results_test")
+    return (entries <= _RUN_FOLDERS and latest_training_state(ckpt) is None
+            and not (os.path.isdir(results) and os.listdir(results)))
+
+
 def prepare_output_dir(opts):
-    """Refuse a non-empty output_dir unless resuming (nothing of a previous run is touched)."""
+    """Lock output_dir for this run's life and decide whether to resume. A non-empty
+    output_dir is refused unless resuming (nothing of a previous run is touched); one left
+    by a run stopped before its first checkpoint starts afresh, with or without --resume."""
     if exists(opts.output_dir) and not os.path.isdir(opts.output_dir):
         raise ConfigError(f"output_dir {opts.output_dir} exists and is not a directory")
+    os.makedirs(opts.output_dir, exist_ok=True)
+    lock_dir(opts.output_dir)
+    if opts.resume and latest_training_state(join(opts.output_dir, "ckpt")) is not None:
+        return True
+    if _started_without_checkpoint(opts.output_dir):
+        if opts.resume:
+            LOGGER.warning("--resume: %s holds no training state yet (the run stopped before its first "
+                           "checkpoint); starting from step 0", opts.output_dir)
+        return False
     if opts.resume:
-        if latest_training_state(join(opts.output_dir, "ckpt")) is None:
-            raise ConfigError(f"--resume: no training state in {opts.output_dir}/ckpt to resume from")
-    elif exists(opts.output_dir) and os.listdir(opts.output_dir):
-        raise ConfigError(f"output_dir {opts.output_dir} is not empty; choose a new one or pass --resume")
+        raise ConfigError(f"--resume: no training state in {opts.output_dir}/ckpt to resume from")
+    raise ConfigError(f"output_dir {opts.output_dir} is not empty; choose a new one or pass --resume")
+
+
+def decide_on_every_rank(decide):
+    """Rank 0 runs ``decide()``; every rank gets its result, or raises the same error, so
+    that a user's mistake stops all ranks with one line instead of leaving them waiting."""
+    outcome = None
+    if dist.is_main_process():
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, OSError) as e:
+            outcome = ("error", str(e))
+    kind, value = dist.all_gather_object(outcome)[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def build_model(opts, device):
@@ -167,9 +202,7 @@ def main(opts):
     device = dist.init(opts.collective_timeout)
     is_main = dist.is_main_process()
     setup_logging(is_main)
-    if is_main:
-        prepare_output_dir(opts)
-    dist.barrier()
+    opts.resume = decide_on_every_rank(lambda: prepare_output_dir(opts))
     amp_dtype, use_scaler = resolve_amp(opts.fp16, opts.amp_dtype, device)
     LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s%s", device, dist.get_world_size(),
                 dist.backend_name(), amp_dtype or "off", " with loss scaling" if use_scaler else "")

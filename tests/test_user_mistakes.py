@@ -23,14 +23,18 @@ IMG_SUB = "feat_th0.2_max100_min10"
 
 
 @pytest.fixture(autouse=True)
-def _root_log_handlers():
-    """A training run in this process adds a file handler for its log.txt: removed after."""
+def _release_what_a_run_holds():
+    """A training run in this process adds a file handler for its log.txt and locks its
+    output_dir until the process ends: both are let go after each test."""
+    from utils import misc
     root = logging.getLogger()
     before = list(root.handlers)
     yield
     for handler in [h for h in root.handlers if h not in before]:
         root.removeHandler(handler)
         handler.close()
+    while misc._held_locks:
+        misc._held_locks.pop().close()
 
 
 def entry(module, argv, monkeypatch, capsys):
@@ -425,7 +429,7 @@ def test_training_refuses(tmp_path, monkeypatch, capsys, case, flags, config, ne
     out = tmp_path / "o"
     code, err = entry("train_itm_hard_negatives", ["--config", cfg, "--output_dir", out] + flags, monkeypatch, capsys)
     assert_one_line(code, err, *needles)
-    assert not out.exists() or not os.listdir(out)  # checked before anything is written
+    assert not out.exists() or os.listdir(out) in ([], [".lock"])  # checked before anything is written
 
 
 def test_resume_with_a_state_of_another_optimiser(tmp_path, monkeypatch, capsys):
@@ -479,3 +483,87 @@ def test_truncated_lmdb_is_one_line_not_a_signal(tmp_path):
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     res = run(["inf_itm.py"] + inf_argv(tmp_path, **{"--img_db": str(img)}))
     assert_one_line(res.returncode, res.stderr, f"{IMG_SUB}/data.mdb is truncated", "copy or download it again")
+
+
+# ----------------------------------------------------------------------------- output_dir
+
+HOLD_LOCK = """
+import fcntl, sys, time
+f = open(sys.argv[1], "a+")
+fcntl.flock(f, fcntl.LOCK_EX)
+f.write("pid 4242 on elsewhere\\n")
+f.flush()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_output_dir_in_use_is_refused_then_taken_over(tmp_path, monkeypatch, capsys):
+    """A run holding output_dir's lock refuses a second one; once it is gone (a crash
+    leaves the lock file behind, not the lock), the folder is accepted."""
+    import subprocess
+    from train_itm_hard_negatives import prepare_output_dir
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = tiny_train_config(tmp_path / "c.json")
+        code, err = entry("train_itm_hard_negatives", ["--config", cfg, "--output_dir", out], monkeypatch, capsys)
+        assert_one_line(code, err, f"output_dir {out} is in use by another run (pid 4242 on elsewhere)")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".lock").exists()
+    opts = type("Opts", (), {"output_dir": str(out), "resume": False})()
+    assert prepare_output_dir(opts) is False
+    assert f"pid {os.getpid()}" in (out / ".lock").read_text()
+
+
+def _unfinished_run(out):
+    for sub in ("log", "ckpt", "results_test"):
+        (out / sub).mkdir(parents=True)
+    (out / "log" / "hps.json").write_text("{}")
+    (out / "ckpt" / ".model_step_2.pt.tmp999").write_bytes(b"partial")  # killed while writing
+    (out / ".lock").write_text("pid 1 on crashed\n")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, caplog, resume):
+    from train_itm_hard_negatives import prepare_output_dir
+    out = tmp_path / "o"
+    _unfinished_run(out)
+    assert prepare_output_dir(type("Opts", (), {"output_dir": str(out), "resume": resume})()) is False
+    assert resume == any("starting from step 0" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("extra,resume,needle", [
+    ("results_test/results_4.json", False, "is not empty"),
+    ("notes.txt", False, "is not empty"),
+    ("notes.txt", True, "--resume: no training state"),
+    ("ckpt/model_step_2.pt", False, "is not empty")])
+def test_output_dir_with_results_is_kept(tmp_path, extra, resume, needle):
+    from train_itm_hard_negatives import prepare_output_dir
+    from utils.config import ConfigError
+    out = tmp_path / "o"
+    _unfinished_run(out)
+    (out / extra).write_text("keep me")
+    if extra.startswith("ckpt/"):
+        (out / "ckpt" / "train_state_2.pt").write_text("keep me")
+    with pytest.raises(ConfigError, match=needle):
+        prepare_output_dir(type("Opts", (), {"output_dir": str(out), "resume": resume})())
+    assert (out / extra).read_text() == "keep me"
+
+
+def test_every_rank_stops_with_the_same_line(tmp_path):
+    """A mistake that only rank 0 sees (output_dir) stops both torchrun ranks with the same
+    line, not with a peer's 'Connection closed by peer'."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous results")
+    cfg = tiny_train_config(tmp_path / "c.json")
+    res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(out)], launcher="torchrun")
+    errors = [line for line in res.stderr.splitlines() if line.startswith("train_itm_hard_negatives.py: error: ")]
+    assert len(errors) == 2 and errors[0] == errors[1] and "is not empty" in errors[0], res.stderr[-3000:]
+    assert "Connection closed" not in res.stderr and 'train_itm_hard_negatives.py", line' not in res.stderr
+    assert (out / "keep.txt").read_text() == "previous results"
