@@ -567,3 +567,122 @@ def test_every_rank_stops_with_the_same_line(tmp_path):
     assert len(errors) == 2 and errors[0] == errors[1] and "is not empty" in errors[0], res.stderr[-3000:]
     assert "Connection closed" not in res.stderr and 'train_itm_hard_negatives.py", line' not in res.stderr
     assert (out / "keep.txt").read_text() == "previous results"
+
+
+# ----------------------------------------------------------------------------- scripts
+
+@pytest.fixture
+def scripts_path(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(TINY_CONFIG), "..", "..", "..", "scripts"))
+
+
+def _npz(path, n=12, dim=2048, **changes):
+    rng = np.random.default_rng(0)
+    arrays = {"features": rng.random((n, dim), dtype=np.float32), "norm_bb": rng.random((n, 6), dtype=np.float32),
+              "conf": np.linspace(0.99, 0.5, n).astype(np.float32), "soft_labels": rng.random((n, 5), dtype=np.float32),
+              "nbb": np.array(n)}
+    arrays.update(changes)
+    np.savez(path, **arrays)
+
+
+def test_convert_imgdir_skips_what_the_model_cannot_take(tmp_path, monkeypatch, capsys, scripts_path):
+    from data import DetectFeatLmdb
+    src = tmp_path / "feats"
+    src.mkdir()
+    _npz(src / "good.npz")
+    bad = {"nan.npz": {"features": np.full((12, 2048), np.nan, np.float32)},
+           "too_big_for_fp16.npz": {"norm_bb": np.full((12, 6), 1e6, np.float32)},
+           "no_boxes.npz": {"features": np.zeros((0, 2048), np.float32), "norm_bb": np.zeros((0, 6), np.float32),
+                            "conf": np.zeros(0, np.float32), "soft_labels": np.zeros((0, 5), np.float32)},
+           "narrow.npz": {"features": np.zeros((12, 1024), np.float32)},
+           "ragged.npz": {"norm_bb": np.zeros((7, 6), np.float32)},
+           "flat_boxes.npz": {"norm_bb": np.zeros((12, 4), np.float32)}}
+    for name, changes in bad.items():
+        _npz(src / name, **changes)
+    mod = importlib.import_module("convert_imgdir")
+    argv = ["--img_dir", str(src), "--output", str(tmp_path / "out"), "--nproc", "1", "--min_bb", "0"]
+    monkeypatch.setattr(sys, "argv", ["convert_imgdir.py"] + argv)
+    cli.run(mod.main, mod.build_parser())
+    out = capsys.readouterr().out
+    assert f"skipped {len(bad)} unreadable file(s)" in out
+    for name, reason in (("nan.npz", "non-finite values in features"), ("too_big_for_fp16.npz", "in norm_bb"),
+                         ("no_boxes.npz", "no boxes"), ("narrow.npz", "expected [boxes, 2048]"),
+                         ("ragged.npz", "arrays hold"), ("flat_boxes.npz", "expected [boxes, 6]")):
+        assert f"  {name}: ValueError: " in out and reason in out.split(f"  {name}: ")[1].splitlines()[0], out
+    assert list(DetectFeatLmdb(str(tmp_path / "out" / "feats"), 0.2, 100, 0, 36, False).name2nbb) == ["good.npz"]
+
+
+SCRIPT_CASES = [
+    ("convert_imgdir", lambda t: ["--img_dir", str(t / "only_bad"), "--output", str(t / "o")],
+     ["none of the 1 .npz files", "bad.npz", "non-finite"]),
+    ("convert_imgdir", lambda t: ["--img_dir", str(t / "only_bad"), "--output", str(t / "o"), "--nproc", "0"],
+     ["--nproc must be >= 1, got 0"]),
+    ("convert_imgdir", lambda t: ["--img_dir", str(t / "nowhere"), "--output", str(t / "o")],
+     ["--img_dir", "nowhere is not a directory"]),
+    ("convert_imgdir", lambda t: ["--output", str(t / "o")], ["the following arguments are required: --img_dir"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", "{"), "--vocab", str(t / "v.txt"),
+                              "--output", str(t / "o")], ["a.json: invalid JSON"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", '{"images": {}}'), "--vocab", str(t / "v.txt"),
+                              "--output", str(t / "o")], ["no 'images' list"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", '{"dataset": "coco", "images": [{"split": "x"}]}'),
+                              "--vocab", str(t / "v.txt"), "--output", str(t / "o")],
+     ["images[0] needs 'filename', 'split' and 'sentences'"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", '{"images": []}'), "--vocab", str(t / "v.txt"),
+                              "--output", str(t / "o")], ["unknown dataset None", "--dataset"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", _KARPATHY), "--vocab", str(t / "v.txt"),
+                              "--output", str(t / "o"), "--img_fname", "{nothing}.npz"],
+     ["--img_fname '{nothing}.npz' does not fit image '1.jpg'", "KeyError"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", _KARPATHY), "--vocab",
+                              _write(t / "w.txt", "a\nb\n"), "--output", str(t / "o")], ["has no [UNK] token"]),
+    ("prepro_itm", lambda t: ["--annotation", _write(t / "a.json", _KARPATHY), "--vocab", str(t / "v.txt"),
+                              "--output", _existing_txt_db(t)], ["itm_flickr30k_val.db already holds an LMDB"]),
+    ("isd", lambda t: _split_argv(t) + ["--output", str(t / "isd"), "--max_pairs", "0"],
+     ["--max_pairs must be >= 1"]),
+    ("isd", lambda t: _split_argv(t, **{"--checkpoint": saved(t / "e.pt", {})}) + ["--output", str(t / "isd")],
+     ["e.pt holds a dict of 0 entries"]),
+    ("isd", lambda t: _split_argv(t) + ["--output", str(t / "isd"), "--annotations", _write(t / "an.json", "[1]")],
+     ["annotations", "must map text ids to lists"]),
+    ("isd", lambda t: _split_argv(t) + ["--output", str(t / "isd"), "--annotations",
+                                        _write(t / "an.json", '{"test_flickr30k_000000000000_0": [[[0], [99]]]}')],
+     ["'test_flickr30k_000000000000_0' has", "boxes [99]"]),
+    ("isd", lambda t: _split_argv(t, **{"--model_config": model_config(t / "m.json", num_hidden_layers=3)})
+     + ["--output", str(t / "isd")], ["--allow_random_init"]),
+    ("visualize_attention", lambda t: _split_argv(t) + ["--output", str(t / "a.png"), "--txt_id",
+                                                        "test_flickr30k_000000000000_0", "--layer", "5"],
+     ["--layer 5 is not a layer of the model (2 layers"]),
+    ("visualize_attention", lambda t: _split_argv(t) + ["--output", str(t / "a.png"), "--txt_id", "nope"],
+     ["--txt_id nope is not a text id"]),
+    ("visualize_attention", lambda t: _split_argv(t) + ["--output", str(t / "a.png"), "--txt_id",
+                                                        "test_flickr30k_000000000000_0", "--vocab",
+                                                        _write(t / "v.json", "[1]")],
+     ["--vocab", "must be a JSON object"]),
+    ("make_demo_data", lambda t: ["--output", str(t / "d"), "--twins", "1.5"], ["--twins must be in [0, 1]"]),
+    ("make_demo_data", lambda t: ["--output", str(t / "d"), "--n_val", "0"], ["--n_val must be >= 1"]),
+    ("make_demo_data", lambda t: ["--output", str(t / "d"), "--seed", "-2"], ["--seed must be in [0, 4294967295]"]),
+]
+
+_KARPATHY = json.dumps({"dataset": "flickr30k", "images": [
+    {"filename": "1.jpg", "split": "val", "sentences": [{"raw": "a dog", "sentid": 0}]}]})
+
+
+def _existing_txt_db(tmp_path):
+    out = tmp_path / "txt"
+    copy_txt_db(out / "itm_flickr30k_val.db")
+    return str(out)
+
+
+def _split_argv(tmp_path, **flags):
+    args = {"--txt_db": TXT_DB, "--img_db": IMG_DB, "--checkpoint": REF_MODEL, "--model_config": TINY_CONFIG}
+    args.update(flags)
+    return [x for kv in args.items() for x in kv]
+
+
+@pytest.mark.parametrize("script,argv,needles", SCRIPT_CASES,
+                         ids=[f"{c[0]}-{k}" for k, c in enumerate(SCRIPT_CASES)])
+def test_scripts_refuse(tmp_path, monkeypatch, capsys, scripts_path, script, argv, needles):
+    (tmp_path / "only_bad").mkdir()
+    _npz(tmp_path / "only_bad" / "bad.npz", features=np.full((12, 2048), np.inf, np.float32))
+    (tmp_path / "v.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog"]) + "\n")
+    code, err = entry(script, argv(tmp_path), monkeypatch, capsys)
+    assert_one_line(code, err, *needles)
+    assert not (tmp_path / "isd" / "isd.json").exists() and not (tmp_path / "a.png").exists()
