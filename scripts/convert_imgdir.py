@@ -21,7 +21,7 @@ sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import DataError, ImgDbWriter, compute_num_bb  # noqa: E402
 from model import IMG_DIM  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import NON_NEGATIVE, POSITIVE, Range, make_parser  # noqa: E402
+from utils.config import POSITIVE, add_box_selection_args, make_parser  # noqa: E402
 
 ARRAYS = ("features", "norm_bb", "conf", "soft_labels")
 
@@ -73,11 +73,7 @@ def build_parser():
     a("--nproc", type=int, default=8, valid=POSITIVE, help="worker processes")
     a("--compress", action="store_true", help="store compressed .npz values")
     a("--keep_all", action="store_true", help="keep every box (sub-DB 'all', nbb.json)")
-    a("--conf_th", type=float, default=0.2, valid=Range(0, 1, also=(-1,)),
-      help="confidence threshold (-1: fixed num_bb)")
-    a("--max_bb", type=int, default=100, valid=POSITIVE, help="max boxes per image")
-    a("--min_bb", type=int, default=10, valid=NON_NEGATIVE, help="min boxes per image")
-    a("--num_bb", type=int, default=100, valid=POSITIVE, help="boxes per image when conf_th is -1")
+    add_box_selection_args(p, num_bb=100)
     return p
 
 

@@ -189,10 +189,15 @@ def take_settings(parser, opts, path, keys, what="train config"):
 
 def add_box_args(parser):
     """The img_db box-selection flags shared by every command that opens an img_db."""
+    parser.add_argument("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
+    add_box_selection_args(parser)
+
+
+def add_box_selection_args(parser, num_bb=36):
+    """--conf_th --max_bb --min_bb --num_bb: which boxes of each image an img_db holds."""
     a = parser.add_argument
-    a("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
     a("--conf_th", type=float, default=0.2, valid=Range(0, 1, also=(-1,)),
       help="box confidence threshold (-1: fixed num_bb)")
     a("--max_bb", type=int, default=100, valid=POSITIVE, help="max boxes per image")
     a("--min_bb", type=int, default=10, valid=NON_NEGATIVE, help="min boxes per image")
-    a("--num_bb", type=int, default=36, valid=POSITIVE, help="boxes per image when conf_th is -1")
+    a("--num_bb", type=int, default=num_bb, valid=POSITIVE, help="boxes per image when conf_th is -1")
