@@ -5,6 +5,7 @@ img_db: LMDB of msgpack-numpy maps (plain) or .npz bytes (compressed) of float16
 in a sub-directory named after the box-selection settings.
 Every read and write of these formats lives here.
 """
+import contextlib
 import io
 import json
 import os
@@ -135,21 +136,33 @@ class _WriteTxn:
 
     def __init__(self, path, every):
         os.makedirs(path, exist_ok=True)
-        self.env = lmdb.open(path, readonly=False, create=True, map_size=1 << 40)
-        self.txn = self.env.begin(write=True)
+        self.path = path
+        with self._named_errors():
+            self.env = lmdb.open(path, readonly=False, create=True, map_size=1 << 40)
+            self.txn = self.env.begin(write=True)
         self.every, self.pending = every, 0
 
+    @contextlib.contextmanager
+    def _named_errors(self):
+        try:
+            yield
+        except lmdb.Error as e:
+            raise DataError(f"could not write the LMDB {self.path} ({type(e).__name__}: "
+                            f"{str(e).strip() or 'no detail'}); check its disk space and permissions") from None
+
     def put(self, key, value):
-        self.txn.put(key.encode("utf-8"), value)
-        self.pending += 1
-        if self.pending >= self.every:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
-            self.pending = 0
+        with self._named_errors():
+            self.txn.put(key.encode("utf-8"), value)
+            self.pending += 1
+            if self.pending >= self.every:
+                self.txn.commit()
+                self.txn = self.env.begin(write=True)
+                self.pending = 0
 
     def commit(self):
-        self.txn.commit()
-        self.env.close()
+        with self._named_errors():
+            self.txn.commit()
+            self.env.close()
 
     def abort(self):
         self.txn.abort()

@@ -686,3 +686,15 @@ def test_scripts_refuse(tmp_path, monkeypatch, capsys, scripts_path, script, arg
     code, err = entry(script, argv(tmp_path), monkeypatch, capsys)
     assert_one_line(code, err, *needles)
     assert not (tmp_path / "isd" / "isd.json").exists() and not (tmp_path / "a.png").exists()
+
+
+def test_lmdb_write_errors_name_the_db(tmp_path, monkeypatch):
+    import lmdb
+    from data import DataError, write_txt_db
+
+    def full(*args, **kwargs):
+        raise lmdb.DiskError("mdb_env_open: No space left on device")
+
+    monkeypatch.setattr(lmdb, "open", full)
+    with pytest.raises(DataError, match=r"could not write the LMDB .*t\.db \(DiskError: .*No space left"):
+        write_txt_db(str(tmp_path / "t.db"), {"a": {"input_ids": [1], "img_fname": "x"}}, {})
