@@ -124,16 +124,14 @@ def _started_without_checkpoint(output_dir):
 
 
 def prepare_output_dir(opts):
-    """Lock output_dir for this run's life and decide whether to resume. A non-empty
-    output_dir is refused unless resuming (nothing of a previous run is touched); one left
-    by a run stopped before its first checkpoint starts afresh, with or without --resume."""
+    """Whether to resume. A non-empty output_dir is refused unless resuming (nothing of a
+    previous run is touched); one left by a run stopped before its first checkpoint starts
+    afresh, with or without --resume."""
     if exists(opts.output_dir) and not os.path.isdir(opts.output_dir):
         raise ConfigError(f"output_dir {opts.output_dir} exists and is not a directory")
-    os.makedirs(opts.output_dir, exist_ok=True)
-    lock_dir(opts.output_dir)
     if opts.resume and latest_training_state(join(opts.output_dir, "ckpt")) is not None:
         return True
-    if _started_without_checkpoint(opts.output_dir):
+    if not exists(opts.output_dir) or _started_without_checkpoint(opts.output_dir):
         if opts.resume:
             LOGGER.warning("--resume: %s holds no training state yet (the run stopped before its first "
                            "checkpoint); starting from step 0", opts.output_dir)
@@ -141,6 +139,14 @@ def prepare_output_dir(opts):
     if opts.resume:
         raise ConfigError(f"--resume: no training state in {opts.output_dir}/ckpt to resume from")
     raise ConfigError(f"output_dir {opts.output_dir} is not empty; choose a new one or pass --resume")
+
+
+def claim_output_dir(opts):
+    """Create and lock output_dir for this run's life, then decide again (another run may
+    have written there since the first look)."""
+    os.makedirs(opts.output_dir, exist_ok=True)
+    lock_dir(opts.output_dir)
+    return prepare_output_dir(opts)
 
 
 def decide_on_every_rank(decide):
@@ -213,6 +219,7 @@ def main(opts):
     model = build_model(opts, device)
     for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
         check_split(dset.txt_db, dset.img_db, model.config, IMG_DIM)
+    opts.resume = decide_on_every_rank(lambda: claim_output_dir(opts))
 
     ckpt_dir, log_dir = join(opts.output_dir, "ckpt"), join(opts.output_dir, "log")
     if is_main:

@@ -62,13 +62,13 @@ def _first_line(error):
 
 
 def _looks_like_torch_save(path):
-    """torch.save writes a zip archive (or, in its legacy format, a pickle: first byte 0x80)."""
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: first byte 0x80);
+    a truncated archive still starts with the zip signature."""
     if os.path.isdir(path):
         return False
-    if zipfile.is_zipfile(path):
-        return True
     with open(path, "rb") as f:
-        return f.read(1) == b"\x80"
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def load_checkpoint(path, what="checkpoint"):
@@ -76,7 +76,7 @@ def load_checkpoint(path, what="checkpoint"):
     if not exists(path):
         raise CheckpointError(f"{what} {path} not found")
     if not _looks_like_torch_save(path):
-        raise CheckpointError(f"{what} {path} is unreadable: not a file written by torch.save "
+        raise CheckpointError(f"{what} {path} is unreadable or truncated: not a file written by torch.save "
                               f"(neither its zip format nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
