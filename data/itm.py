@@ -78,17 +78,17 @@ class DetectFeatTxtTokDataset(Dataset):
         if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, DetectFeatLmdb):
             raise TypeError("expected a TxtTokLmdb and a DetectFeatLmdb")
         self.txt_db, self.img_db = txt_db, img_db
-        txt_db.check_links()
         self._feat_buffers = RecycledBuffers()
         txt_lens, self.ids = get_ids_and_lens(txt_db)
         if not txt_db.id2len:
             raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
                             f"raise --max_txt_len")
         txt2img = txt_db.txt2img
-        missing = sorted({txt2img[i] for i in txt_db.id2len} - set(img_db.name2nbb))
+        missing = sorted({txt2img[i] for i in txt_db.id2len if i in txt2img} - set(img_db.name2nbb))
         if missing:
             raise DataError(f"{len(missing)} image(s) of {txt_db.db_dir} are not in {img_db.db_dir} "
                             f"(first: {', '.join(missing[:3])}); check that txt_db and img_db match")
+        txt_db.check_links()
         self.lens = [tl + img_db.name2nbb[txt2img[id_]] for tl, id_ in zip(txt_lens, self.ids)]
 
     def __len__(self):
