@@ -20,9 +20,10 @@ from data import (WORKER_TYPES, DetectFeatLmdb, ItmEvalDataset, PrefetchLoader, 
                   make_loader)
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
-from utils.checkpoint import atomic_save, load_checkpoint
+from utils.checkpoint import atomic_save
+from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
-from utils.config import ConfigError, add_box_args, load_json, make_parser
+from utils.config import NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, make_parser, take_settings
 from utils.itm_eval import add_counting_arg, format_recall_table, gather_scores, itm_eval
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
@@ -39,17 +40,22 @@ def build_parser():
     a("--output_dir", type=str, default=None, help="where scores.json and score_matrix.pt go")
     a("--train_config", type=str, default=None, help="hps.json of training: take its box settings")
     add_box_args(p)
-    a("--batch_size", type=int, default=400, help="images per forward pass")
+    a("--batch_size", type=int, default=400, valid=POSITIVE, help="images per forward pass")
     a("--fp16", action="store_true", help="mixed precision (float16 on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None, help="mixed-precision dtype (fp16 is kept even on a CPU)")
-    a("--n_workers", type=int, default=4, help="data loader workers (0: in the evaluation loop)")
+    a("--n_workers", type=int, default=4, valid=NON_NEGATIVE, help="data loader workers (0: in the evaluation loop)")
     a("--worker_type", choices=WORKER_TYPES, default="thread", help="data loader workers are threads or processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
       help="score in the padded layout IAIS training uses (same scores)")
     add_counting_arg(p)
-    a("--dump_topk", type=int, default=0, help="write topk.jsonl: each query's K best candidates (0: off)")
-    a("--collective_timeout", type=int, default=600, help="seconds before a collective gives up")
+    a("--dump_topk", type=int, default=0, valid=NON_NEGATIVE,
+      help="write topk.jsonl: each query's K best candidates (0: off)")
+    a("--collective_timeout", type=int, default=600, valid=POSITIVE, help="seconds before a collective gives up")
+    a("--allow_random_init", action="store_true",
+      help="evaluate even when the checkpoint leaves part of the model at random initialisation")
+    a("--allow_nonfinite_scores", action="store_true", help="write the recall even when some scores are not finite")
+    a("--overwrite", action="store_true", help="replace the results of an earlier evaluation in output_dir")
     return p
 
 
@@ -77,28 +83,23 @@ def main(opts):
     for key in ("txt_db", "img_db", "checkpoint", "model_config", "output_dir"):
         if not getattr(opts, key):
             raise ConfigError(f"--{key} is required")
-    if opts.batch_size <= 0:
-        raise ConfigError(f"--batch_size must be positive, got {opts.batch_size}")
-    if opts.dump_topk < 0:
-        raise ConfigError(f"--dump_topk must be 0 (off) or a positive K, got {opts.dump_topk}")
+    refuse_earlier_results(opts.output_dir, ("scores.json", "score_matrix.pt", "topk.jsonl"), opts.overwrite)
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
     if opts.train_config is not None:
-        train_opts = load_json(opts.train_config, "train config")
-        for key in ("conf_th", "max_bb", "min_bb", "num_bb"):
-            if key in train_opts:
-                setattr(opts, key, train_opts[key])
+        take_settings(build_parser(), opts, opts.train_config, ("conf_th", "max_bb", "min_bb", "num_bb"))
     amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)
 
     img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
                             opts.compressed_db)
     txt_db = TxtTokLmdb(opts.txt_db, -1)
+    model, state = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint,
+                              opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
+    check_split(txt_db, img_db, model.config, IMG_DIM)
     dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS)
-
-    state = load_checkpoint(opts.checkpoint)
-    model = UniterForImageTextRetrieval.from_pretrained(opts.model_config, state, img_dim=IMG_DIM, pairs_num=1)
     if not any(k.endswith("rank_output.weight") for k in state):
-        LOGGER.info("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)
+        check_head(state, opts.checkpoint, opts.allow_random_init)
+        LOGGER.warning("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)
         model.init_output()
     model.to(device).eval()
 
@@ -106,6 +107,7 @@ def main(opts):
                             device)
     with autocast(device, amp_dtype):
         scores, txt_ids, img_ids = gather_scores(model, loader, opts.IAIS)
+    check_scores_finite(scores, txt_ids, img_ids, opts.allow_nonfinite_scores)
     if dist.is_main_process():
         write_results(opts, scores, txt_ids, img_ids, txt_db.txt2img)
     dist.barrier()

@@ -24,18 +24,21 @@ from data import (WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHa
                   TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
-from utils.checkpoint import latest_training_state, load_checkpoint, save_model, save_training_state
+from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
+                              save_training_state)
+from utils.checks import check_split, load_model
 from utils.cli import TrainingError, run
-from utils.config import ConfigError, add_box_args, load_json, make_parser
+from utils.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, load_json,
+                          make_parser)
 from utils.itm_eval import add_counting_arg, evaluate, format_recall_table, validate
 from utils.retrieval_metrics import counting_name
 from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
-from utils.misc import rng_state, set_dropout, set_random_seed, set_rng_state
+from utils.misc import LOCK_NAME, lock_dir, rng_state, set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched, tsa_weight
 from utils.precision import autocast, make_scaler, resolve_amp
 
-CONFIG_ONLY_KEYS = ("train_txt_dbs", "train_img_dbs", "val_txt_db", "val_img_db",
-                    "test_txt_db", "test_img_db", "model_config")
+CONFIG_ONLY_KEYS = {"train_txt_dbs": "paths", "train_img_dbs": "paths", "val_txt_db": "path", "val_img_db": "path",
+                    "test_txt_db": "path", "test_img_db": "path", "model_config": "path"}
 
 
 def build_parser():
@@ -44,29 +47,32 @@ def build_parser():
     add_box_args(p)
     a("--checkpoint", type=str, default=None, help="initial weights (pre-trained UNITER .pt)")
     a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go")
-    a("--max_txt_len", type=int, default=60, help="drop training captions longer than this")
-    a("--train_batch_size", type=int, default=32, help="positives per optimizer step (gradient accumulation)")
-    a("--negative_size", type=int, default=511, help="negatives scored per positive (no gradient)")
-    a("--hard_neg_size", type=int, default=31, help="hardest negatives trained on per positive")
-    a("--inf_minibatch_size", type=int, default=512, help="images per forward in validation/evaluation")
-    a("--margin", type=float, default=0.2, help="margin of the ranking loss")
-    a("--learning_rate", type=float, default=3e-5, help="peak learning rate")
-    a("--valid_steps", type=int, default=1000, help="validate and checkpoint every N optimizer steps")
-    a("--num_train_steps", type=int, default=100000, help="optimizer steps in all")
+    a("--max_txt_len", type=int, default=60, valid=POSITIVE, help="drop training captions longer than this")
+    a("--train_batch_size", type=int, default=32, valid=POSITIVE,
+      help="positives per optimizer step (gradient accumulation)")
+    a("--negative_size", type=int, default=511, valid=POSITIVE, help="negatives scored per positive (no gradient)")
+    a("--hard_neg_size", type=int, default=31, valid=POSITIVE, help="hardest negatives trained on per positive")
+    a("--inf_minibatch_size", type=int, default=512, valid=POSITIVE, help="images per forward in validation/evaluation")
+    a("--margin", type=float, default=0.2, valid=NON_NEGATIVE, help="margin of the ranking loss")
+    a("--learning_rate", type=float, default=3e-5, valid=Range(0, low_open=True), help="peak learning rate")
+    a("--valid_steps", type=int, default=1000, valid=POSITIVE, help="validate and checkpoint every N optimizer steps")
+    a("--num_train_steps", type=int, default=100000, valid=POSITIVE, help="optimizer steps in all")
     a("--optim", default="adam", choices=["adam", "adamax", "adamw"], help="optimizer")
-    a("--betas", type=float, nargs="+", default=[0.9, 0.98], help="Adam betas")
-    a("--dropout", type=float, default=0.1, help="dropout probability of every dropout layer")
-    a("--weight_decay", type=float, default=0.01, help="weight decay (not on bias/LayerNorm)")
-    a("--grad_norm", type=float, default=0.25, help="gradient clipping norm (-1: off)")
-    a("--warmup_steps", type=int, default=4000, help="linear learning-rate warm-up steps")
-    a("--seed", type=int, default=42, help="random seed")
+    a("--betas", type=float, nargs="+", default=[0.9, 0.98], valid=PROBABILITY, help="Adam betas")
+    a("--dropout", type=float, default=0.1, valid=PROBABILITY, help="dropout probability of every dropout layer")
+    a("--weight_decay", type=float, default=0.01, valid=NON_NEGATIVE, help="weight decay (not on bias/LayerNorm)")
+    a("--grad_norm", type=float, default=0.25, valid=Range(0, low_open=True, also=(-1,)),
+      help="gradient clipping norm (-1: off)")
+    a("--warmup_steps", type=int, default=4000, valid=NON_NEGATIVE, help="linear learning-rate warm-up steps")
+    a("--seed", type=int, default=42, valid=Range(0, 2**32 - 1), help="random seed")
     a("--full_val", action="store_true", help="full R@K evaluation at every validation")
     add_counting_arg(p)
     a("--fp16", action="store_true", help="mixed precision (float16 + loss scaling on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None,
       help="mixed-precision dtype: bf16 (no loss scaling) or fp16 (with loss scaling, kept even on a CPU); "
            "default fp16 with --fp16")
-    a("--n_workers", type=int, default=4, help="data loader workers per stream (0: in the training loop)")
+    a("--n_workers", type=int, default=4, valid=NON_NEGATIVE,
+      help="data loader workers per stream (0: in the training loop)")
     a("--worker_type", choices=WORKER_TYPES, default="thread",
       help="data loader workers are threads (default: batches handed over without a copy) or processes")
     a("--pin_mem", action="store_true", help="pin host memory of batches")
@@ -75,9 +81,11 @@ def build_parser():
       help="IAIS alignment: singular or distributed (default: off)")
     a("--resume", action="store_true", help="continue from the last training state in output_dir")
     a("--max_skipped_steps", type=int, default=100,
-      help="stop after this many consecutive steps with non-finite gradients")
+      valid=POSITIVE, help="stop after this many consecutive steps with non-finite gradients")
     a("--collective_timeout", type=int, default=600,
-      help="seconds before a distributed collective gives up (a dead rank stops the others)")
+      valid=POSITIVE, help="seconds before a distributed collective gives up (a dead rank stops the others)")
+    a("--allow_random_init", action="store_true",
+      help="train even when --checkpoint leaves part of the model at random initialisation")
     return p
 
 
@@ -102,26 +110,65 @@ def check_options(opts):
         raise ConfigError(f"hard_neg_size {opts.hard_neg_size} exceeds negative_size {opts.negative_size}")
     if len(opts.betas) != 2:
         raise ConfigError(f"--betas takes two numbers, got {opts.betas}")
-    for key in ("num_train_steps", "train_batch_size", "valid_steps", "inf_minibatch_size"):
-        if getattr(opts, key) <= 0:
-            raise ConfigError(f"{key} must be positive, got {getattr(opts, key)}")
+    if opts.conf_th != -1 and opts.min_bb > opts.max_bb:
+        raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
+
+
+_RUN_FOLDERS = {"log", "ckpt", "results_test", LOCK_NAME}
+
+
+def _started_without_checkpoint(output_dir):
+    """Whether ``output_dir`` holds only what a run leaves before its first checkpoint."""
+    entries = set(os.listdir(output_dir))
+    ckpt, results = join(output_dir, "ckpt"), join(output_dir, "results_test")
+    return (entries <= _RUN_FOLDERS and latest_training_state(ckpt) is None
+            and not (os.path.isdir(results) and os.listdir(results)))
 
 
 def prepare_output_dir(opts):
-    """Refuse a non-empty output_dir unless resuming (nothing of a previous run is touched)."""
+    """Whether to resume. A non-empty output_dir is refused unless resuming (nothing of a
+    previous run is touched); one left by a run stopped before its first checkpoint starts
+    afresh, with or without --resume."""
     if exists(opts.output_dir) and not os.path.isdir(opts.output_dir):
         raise ConfigError(f"output_dir {opts.output_dir} exists and is not a directory")
+    if opts.resume and latest_training_state(join(opts.output_dir, "ckpt")) is not None:
+        return True
+    if not exists(opts.output_dir) or _started_without_checkpoint(opts.output_dir):
+        if opts.resume:
+            LOGGER.warning("--resume: %s holds no training state yet (the run stopped before its first "
+                           "checkpoint); starting from step 0", opts.output_dir)
+        return False
     if opts.resume:
-        if latest_training_state(join(opts.output_dir, "ckpt")) is None:
-            raise ConfigError(f"--resume: no training state in {opts.output_dir}/ckpt to resume from")
-    elif exists(opts.output_dir) and os.listdir(opts.output_dir):
-        raise ConfigError(f"output_dir {opts.output_dir} is not empty; choose a new one or pass --resume")
+        raise ConfigError(f"--resume: no training state in {opts.output_dir}/ckpt to resume from")
+    raise ConfigError(f"output_dir {opts.output_dir} is not empty; choose a new one or pass --resume")
+
+
+def claim_output_dir(opts):
+    """Create and lock output_dir for this run's life, then decide again (another run may
+    have written there since the first look)."""
+    os.makedirs(opts.output_dir, exist_ok=True)
+    lock_dir(opts.output_dir)
+    return prepare_output_dir(opts)
+
+
+def decide_on_every_rank(decide):
+    """Rank 0 runs ``decide()``; every rank gets its result, or raises the same error, so
+    that a user's mistake stops all ranks with one line instead of leaving them waiting."""
+    outcome = None
+    if dist.is_main_process():
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, OSError) as e:
+            outcome = ("error", str(e))
+    kind, value = dist.all_gather_object(outcome)[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
 
 
 def build_model(opts, device):
-    state = load_checkpoint(opts.checkpoint) if opts.checkpoint else {}
-    model = UniterForImageTextRetrievalHardNeg.from_pretrained(
-        opts.model_config, state, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size)
+    model, _ = load_model(UniterForImageTextRetrievalHardNeg, opts.model_config, opts.checkpoint,
+                          opts.allow_random_init, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size)
     model.init_output()  # the ranking head starts from the pre-trained ITM head
     set_dropout(model, opts.dropout)
     return model.to(device)
@@ -163,9 +210,7 @@ def main(opts):
     device = dist.init(opts.collective_timeout)
     is_main = dist.is_main_process()
     setup_logging(is_main)
-    if is_main:
-        prepare_output_dir(opts)
-    dist.barrier()
+    opts.resume = decide_on_every_rank(lambda: prepare_output_dir(opts))
     amp_dtype, use_scaler = resolve_amp(opts.fp16, opts.amp_dtype, device)
     LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s%s", device, dist.get_world_size(),
                 dist.backend_name(), amp_dtype or "off", " with loss scaling" if use_scaler else "")
@@ -174,6 +219,9 @@ def main(opts):
     # data and weights are checked before anything is written to output_dir
     dsets = build_datasets(opts)
     model = build_model(opts, device)
+    for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
+        check_split(dset.txt_db, dset.img_db, model.config, IMG_DIM)
+    opts.resume = decide_on_every_rank(lambda: claim_output_dir(opts))
 
     ckpt_dir, log_dir = join(opts.output_dir, "ckpt"), join(opts.output_dir, "log")
     if is_main:
@@ -201,15 +249,9 @@ def main(opts):
 
     global_step = 0
     if opts.resume:
-        step, model_path, state_path = latest_training_state(ckpt_dir)
-        model.load_state_dict(load_checkpoint(model_path))
-        state = load_checkpoint(state_path, "training state")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        for side, s in streams.items():
-            s.load_state_dict(state["streams"][side])
-        global_step = state["global_step"]
-        set_rng_state(state["rng"][dist.get_rank()] if dist.get_rank() < len(state["rng"]) else state["rng"][0])
+        _, model_path, state_path = latest_training_state(ckpt_dir)
+        model.load_state_dict(load_model_state(model_path))
+        global_step = restore_training_state(state_path, optimizer, scaler, streams, dist.get_rank())
         LOGGER.info("resumed from %s at step %d", state_path, global_step)
 
     n_params = sum(p.numel() for p in model.parameters())

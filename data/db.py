@@ -5,6 +5,7 @@ img_db: LMDB of msgpack-numpy maps (plain) or .npz bytes (compressed) of float16
 in a sub-directory named after the box-selection settings.
 Every read and write of these formats lives here.
 """
+import contextlib
 import io
 import json
 import os
@@ -35,6 +36,15 @@ def _load_json(path):
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
+def _load_json_map(path, value_type, what):
+    """A JSON object whose values are all ``value_type`` (``what`` names them in the error)."""
+    obj = _load_json(path)
+    if not isinstance(obj, dict) or not all(isinstance(v, value_type) and not isinstance(v, bool)
+                                            for v in obj.values()):
+        raise DataError(f"{path} must be a JSON object mapping names to {what}; rebuild it")
+    return obj
+
+
 def _processes_on_this_node():
     for var in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
         if os.environ.get(var):
@@ -47,8 +57,31 @@ def open_readonly(path):
     on read-only media; read-ahead only when one process per node reads it."""
     if not isdir(path) or not exists(join(path, "data.mdb")):
         raise DataError(f"{path} is not an LMDB directory (no data.mdb)")
-    return lmdb.open(path, readonly=True, create=False, lock=False, subdir=True,
-                     readahead=_processes_on_this_node() == 1, max_readers=1024)
+    try:
+        env = lmdb.open(path, readonly=True, create=False, lock=False, subdir=True,
+                        readahead=_processes_on_this_node() == 1, max_readers=1024)
+        _check_complete(env, path)
+    except lmdb.Error as e:
+        raise lmdb_error(path, e) from None
+    return env
+
+
+def _check_complete(env, path):
+    """LMDB maps data.mdb into memory: a page past the end of a truncated file kills the
+    reader with SIGBUS instead of raising, so the file must hold every page the
+    environment's newest meta page counts."""
+    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+    size = os.path.getsize(join(path, "data.mdb"))
+    if size < needed:
+        env.close()
+        raise DataError(f"{path}/data.mdb is truncated ({size} bytes, the LMDB needs {needed}); "
+                        f"copy or download it again")
+
+
+def lmdb_error(path, error):
+    """A DataError naming the LMDB that a raw lmdb.Error came from."""
+    return DataError(f"{path}/data.mdb is not a readable LMDB ({type(error).__name__}: "
+                     f"{str(error).strip() or 'no detail'}); copy or download it again")
 
 
 _ENVS = {}  # real path -> environment: py-lmdb allows one per file and process
@@ -79,10 +112,17 @@ class ReadOnlyLmdb:
         return txn
 
     def get(self, key):
-        return self._txn().get(key)
+        try:
+            return self._txn().get(key)
+        except lmdb.Error as e:
+            raise lmdb_error(self.path, e) from None
 
-    def cursor(self):
-        return self._txn().cursor()
+    def items(self):
+        """(key, value) of every entry, as buffers."""
+        try:
+            yield from self._txn().cursor()
+        except lmdb.Error as e:
+            raise lmdb_error(self.path, e) from None
 
     def __getstate__(self):
         return {"path": self.path}
@@ -96,21 +136,33 @@ class _WriteTxn:
 
     def __init__(self, path, every):
         os.makedirs(path, exist_ok=True)
-        self.env = lmdb.open(path, readonly=False, create=True, map_size=1 << 40)
-        self.txn = self.env.begin(write=True)
+        self.path = path
+        with self._named_errors():
+            self.env = lmdb.open(path, readonly=False, create=True, map_size=1 << 40)
+            self.txn = self.env.begin(write=True)
         self.every, self.pending = every, 0
 
+    @contextlib.contextmanager
+    def _named_errors(self):
+        try:
+            yield
+        except lmdb.Error as e:
+            raise DataError(f"could not write the LMDB {self.path} ({type(e).__name__}: "
+                            f"{str(e).strip() or 'no detail'}); check its disk space and permissions") from None
+
     def put(self, key, value):
-        self.txn.put(key.encode("utf-8"), value)
-        self.pending += 1
-        if self.pending >= self.every:
-            self.txn.commit()
-            self.txn = self.env.begin(write=True)
-            self.pending = 0
+        with self._named_errors():
+            self.txn.put(key.encode("utf-8"), value)
+            self.pending += 1
+            if self.pending >= self.every:
+                self.txn.commit()
+                self.txn = self.env.begin(write=True)
+                self.pending = 0
 
     def commit(self):
-        self.txn.commit()
-        self.env.close()
+        with self._named_errors():
+            self.txn.commit()
+            self.env.close()
 
     def abort(self):
         self.txn.abort()
@@ -147,6 +199,15 @@ class TxtLmdb:
         except Exception as e:
             raise DataError(f"{self.db_dir}: corrupt value for key {key!r} ({e})") from None
 
+    def items(self):
+        """(text id, decoded value) of every entry, in key order."""
+        for key, raw in self.txn.items():
+            key = bytes(key).decode("utf-8")
+            try:
+                yield key, decode_txt(raw)
+            except Exception as e:
+                raise DataError(f"{self.db_dir}: corrupt value for key {key!r} ({e})") from None
+
     def __setitem__(self, key, value):
         if self.readonly:
             raise DataError(f"{self.db_dir} is opened read-only")
@@ -170,18 +231,19 @@ class TxtTokLmdb:
     def __init__(self, db_dir, max_txt_len=60):
         if not isdir(db_dir):
             raise DataError(f"txt_db {db_dir} not found")
-        id2len = _load_json(join(db_dir, "id2len.json"))
+        id2len = _load_json_map(join(db_dir, "id2len.json"), int, "caption lengths")
         self.id2len = (id2len if max_txt_len == -1 else
                        {id_: n for id_, n in id2len.items() if n <= max_txt_len})
         self.db_dir = db_dir
         self.db = TxtLmdb(db_dir, readonly=True)
         meta = _load_json(join(db_dir, "meta.json"))
-        try:
-            self.cls_, self.sep, self.mask = meta["CLS"], meta["SEP"], meta["MASK"]
-            self.v_range = meta["v_range"]
-        except KeyError as e:
-            raise DataError(f"{db_dir}/meta.json lacks key {e}") from None
+        for key in ("CLS", "SEP", "MASK"):
+            if not isinstance(meta, dict) or not isinstance(meta.get(key), int) or isinstance(meta[key], bool):
+                raise DataError(f"{db_dir}/meta.json: {key} must be a token id (an integer); rebuild the txt_db")
+        self.cls_, self.sep, self.mask = meta["CLS"], meta["SEP"], meta["MASK"]
+        self.v_range = meta.get("v_range")
         self._txt2img = self._img2txts = None
+        self._links_checked = False
 
     def __getitem__(self, id_):
         return self.db[id_]
@@ -193,16 +255,35 @@ class TxtTokLmdb:
             input_ids.extend(list(ids) + [self.sep])
         return torch.tensor(input_ids)
 
+    def check_links(self):
+        """Every caption's image lists the caption back, and every listed caption points
+        to that image (checked once per DB object)."""
+        if self._links_checked:
+            return
+        txt2img, img2txts, listed = self.txt2img, self.img2txts, {}
+        for img, txts in img2txts.items():
+            for txt in txts:
+                listed[txt] = img
+                if txt2img.get(txt) != img:
+                    raise DataError(f"{self.db_dir}: img2txts.json lists {txt!r} under {img!r} but txt2img.json "
+                                    f"gives {txt2img.get(txt)!r}; rebuild the txt_db")
+        for txt in self.id2len:
+            if txt not in txt2img or listed.get(txt) != txt2img[txt]:
+                where = ("not in txt2img.json" if txt not in txt2img else
+                         f"not listed under its image {txt2img[txt]!r} in img2txts.json")
+                raise DataError(f"{self.db_dir}: text id {txt!r} of id2len.json is {where}; rebuild the txt_db")
+        self._links_checked = True
+
     @property
     def txt2img(self):
         if self._txt2img is None:
-            self._txt2img = _load_json(join(self.db_dir, "txt2img.json"))
+            self._txt2img = _load_json_map(join(self.db_dir, "txt2img.json"), str, "image file names")
         return self._txt2img
 
     @property
     def img2txts(self):
         if self._img2txts is None:
-            self._img2txts = _load_json(join(self.db_dir, "img2txts.json"))
+            self._img2txts = _load_json_map(join(self.db_dir, "img2txts.json"), list, "lists of text ids")
         return self._img2txts
 
 
@@ -423,14 +504,14 @@ class DetectFeatLmdb:
         if conf_th == -1:
             name2nbb = None
         elif exists(join(img_dir, nbb_file)):
-            name2nbb = _load_json(join(img_dir, nbb_file))
+            name2nbb = _load_json_map(join(img_dir, nbb_file), int, "box counts")
         else:
             name2nbb = None
             fallback = "all_compressed" if compress else "all"
             if exists(join(img_dir, fallback)):
                 db_name = fallback
                 if not compress:
-                    name2nbb = _load_json(join(img_dir, "nbb.json"))
+                    name2nbb = _load_json_map(join(img_dir, "nbb.json"), int, "box counts")
         if not exists(join(img_dir, db_name)):
             present = sorted(d for d in os.listdir(img_dir) if isdir(join(img_dir, d)))
             raise DataError(f"{img_dir} has no {db_name}/ for conf_th={conf_th} max_bb={max_bb} "
@@ -438,6 +519,7 @@ class DetectFeatLmdb:
                             f"(found: {', '.join(present) or 'nothing'})")
         self.db_dir = join(img_dir, db_name)
         self.txn = ReadOnlyLmdb(self.db_dir)
+        self._finite = set()  # images whose features and boxes were found finite
         if conf_th == -1:
             self.name2nbb = {name: num_bb for name in self.keys()}
         else:
@@ -447,7 +529,7 @@ class DetectFeatLmdb:
         raw = self.txn.get(IMG_DB_KEYS.encode())
         if raw is not None:
             return json.loads(bytes(raw).decode("utf-8"))
-        return [bytes(k).decode("utf-8") for k, _ in self.txn.cursor() if bytes(k) != IMG_DB_KEYS.encode()]
+        return [bytes(k).decode("utf-8") for k, _ in self.txn.items() if bytes(k) != IMG_DB_KEYS.encode()]
 
     def _compute_nbb(self):
         return {name: compute_num_bb(self.read_arrays(name, ("conf",), cut=False)["conf"],
@@ -463,10 +545,23 @@ class DetectFeatLmdb:
             arrays = decode_img_dump(raw, self.compress, keys)
         except Exception as e:
             raise DataError(f"{self.db_dir}: corrupt value for key {fname!r} ({type(e).__name__}: {e})") from None
+        if fname not in self._finite:
+            self._check_finite(fname, arrays)
         if cut:
             nbb = self.name2nbb[fname]
             arrays = {k: a[:nbb] for k, a in arrays.items()}
         return arrays
+
+    def _check_finite(self, fname, arrays):
+        """Non-finite features or boxes give NaN scores and gradients far from their cause:
+        each image is checked the first time this process reads its features."""
+        checked = [k for k in ("features", "norm_bb") if k in arrays]
+        for key in checked:
+            if not np.isfinite(arrays[key]).all():
+                raise DataError(f"{self.db_dir}: image {fname!r} has non-finite values in {key}; "
+                                f"rebuild its features or drop it from the txt_db")
+        if len(checked) == 2:
+            self._finite.add(fname)
 
     def __getitem__(self, fname):
         arrays = self.read_arrays(fname)

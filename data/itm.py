@@ -3,6 +3,7 @@ full evaluation. Each item is already a batch (DataLoader batch_size=1)."""
 import contextlib
 import random
 import threading
+from collections import Counter
 
 import numpy as np
 import torch
@@ -43,13 +44,26 @@ def seeded_draws(seed):
         del _draws.rng
 
 
+MAX_REDRAWS = 1000
+
+
 def sample_negative(sample_pool, ground_truths, num_sample):
-    """``num_sample`` draws from the pool without any ground truth (redrawn until so)."""
+    """``num_sample`` draws from the pool without any ground truth (redrawn until so).
+
+    When the pool holds few more items than ``num_sample``, a draw that misses every ground
+    truth is rare (1 in 512 for 512 images and 511 negatives; never when no more items
+    than ``num_sample`` are left): after ``MAX_REDRAWS`` draws the sample is taken from the
+    pool without the ground truths instead. Larger pools draw exactly as the original."""
     rng = getattr(_draws, "rng", random)
     outputs = ground_truths[:1]
-    while _has_overlap(outputs, ground_truths):
+    for _ in range(MAX_REDRAWS):
+        if not _has_overlap(outputs, ground_truths):
+            return outputs
         outputs = rng.sample(sample_pool, num_sample)
-    return outputs
+    if not _has_overlap(outputs, ground_truths):
+        return outputs
+    truths = set(ground_truths)
+    return rng.sample([x for x in sample_pool if x not in truths], num_sample)
 
 
 def box_position_features(norm_bb):
@@ -70,10 +84,11 @@ class DetectFeatTxtTokDataset(Dataset):
             raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
                             f"raise --max_txt_len")
         txt2img = txt_db.txt2img
-        missing = sorted({txt2img[i] for i in txt_db.id2len} - set(img_db.name2nbb))
+        missing = sorted({txt2img[i] for i in txt_db.id2len if i in txt2img} - set(img_db.name2nbb))
         if missing:
             raise DataError(f"{len(missing)} image(s) of {txt_db.db_dir} are not in {img_db.db_dir} "
                             f"(first: {', '.join(missing[:3])}); check that txt_db and img_db match")
+        txt_db.check_links()
         self.lens = [tl + img_db.name2nbb[txt2img[id_]] for tl, id_ in zip(txt_lens, self.ids)]
 
     def __len__(self):
@@ -132,6 +147,15 @@ class _HardNegDataset(DetectFeatTxtTokDataset):
         self.neg_sample_size = neg_sample_size
         self.IAIS = IAIS
 
+    def _check_pool(self, n_candidates, what):
+        """Refuse a split that has fewer than ``neg_sample_size`` negatives to draw from."""
+        if n_candidates < self.neg_sample_size:
+            largest = (n_candidates + 1) // 8 * 8 - 1
+            advice = (f"lower --negative_size to {largest} or less" if largest >= 7 else
+                      "this split is too small to train with hard negatives (at least 7 are needed)")
+            raise DataError(f"{self.txt_db.db_dir}: {what}, fewer than negative_size {self.neg_sample_size} "
+                            f"negatives; {advice}")
+
 
 class ItmRankDatasetHardNegFromText(_HardNegDataset):
     """One caption against its image and ``neg_sample_size`` random other images."""
@@ -139,6 +163,8 @@ class ItmRankDatasetHardNegFromText(_HardNegDataset):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.img_name_list = list(self.img2txts)
+        self._check_pool(len(self.img_name_list) - 1,
+                         f"{len(self.img_name_list)} images leave {len(self.img_name_list) - 1} other images")
 
     def __getitem__(self, i):
         txt_id = self.ids[i]
@@ -160,6 +186,10 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.txt_name_list = list(self.txt2img)
+        most = max(Counter(self.txt2img.values()).values())
+        self._check_pool(len(self.txt_name_list) - most,
+                         f"{len(self.txt_name_list)} captions (on this process) minus the {most} of the image "
+                         f"with most captions leave {len(self.txt_name_list) - most}")
 
     def __getitem__(self, i):
         txt_id = self.ids[i]

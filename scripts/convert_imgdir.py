@@ -5,9 +5,9 @@
 writes /img_db/flickr30k/feat_th0.2_max100_min10/ (LMDB) and nbb_th0.2_max100_min10.json.
 Each .npz holds features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601] and
 nbb; arrays are stored as float16, cut to the boxes the setting keeps (all of them with
---keep_all). Unreadable files are skipped and listed at the end.
+--keep_all). Unreadable files and unusable ones (no box, features not 2048-d, arrays of
+different lengths, non-finite values) are skipped and listed at the end.
 """
-import argparse
 import glob
 import multiprocessing as mp
 import sys
@@ -19,8 +19,29 @@ from tqdm import tqdm
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import DataError, ImgDbWriter, compute_num_bb  # noqa: E402
+from model import IMG_DIM  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import POSITIVE, add_box_selection_args, make_parser  # noqa: E402
 
 ARRAYS = ("features", "norm_bb", "conf", "soft_labels")
+
+
+def check_arrays(arrays, nbb):
+    """Refuse what the model cannot take: no box, features of another width, per-box
+    arrays of different lengths, non-finite values (also those float16 cannot hold)."""
+    feat, bb = arrays["features"], arrays["norm_bb"]
+    if nbb < 1:
+        raise ValueError("no boxes")
+    if feat.ndim != 2 or feat.shape[1] != IMG_DIM:
+        raise ValueError(f"features of shape {feat.shape}, expected [boxes, {IMG_DIM}]")
+    if bb.ndim != 2 or bb.shape[1] != 6:
+        raise ValueError(f"norm_bb of shape {bb.shape}, expected [boxes, 6]")
+    lengths = {k: len(a) for k, a in arrays.items()}
+    if set(lengths.values()) != {nbb}:
+        raise ValueError(f"{nbb} boxes kept but the arrays hold {lengths} rows")
+    for key in ("features", "norm_bb"):
+        if not np.isfinite(arrays[key]).all():
+            raise ValueError(f"non-finite values in {key} (as float16)")
 
 
 def load_npz(path, conf_th, max_bb, min_bb, num_bb, keep_all):
@@ -29,6 +50,8 @@ def load_npz(path, conf_th, max_bb, min_bb, num_bb, keep_all):
     try:
         with np.load(path, allow_pickle=False) as npz:
             dump = {k: npz[k] for k in npz.files}
+        if "features" not in dump or "norm_bb" not in dump:
+            raise ValueError("no features/norm_bb arrays")
         if keep_all:
             nbb = int(dump["nbb"])
         elif conf_th == -1:
@@ -36,48 +59,46 @@ def load_npz(path, conf_th, max_bb, min_bb, num_bb, keep_all):
         else:
             nbb = compute_num_bb(dump["conf"], conf_th, min_bb, max_bb)
         arrays = {k: dump[k][:nbb].astype(np.float16) for k in ARRAYS if k in dump}
-        if "features" not in arrays or "norm_bb" not in arrays:
-            raise ValueError("no features/norm_bb arrays")
+        check_arrays(arrays, nbb)
         return name, arrays, nbb
     except Exception as e:  # a damaged file must not stop a multi-hour conversion
         return name, None, f"{type(e).__name__}: {e}"
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--img_dir", required=True, help="folder of .npz files (its name names the img_db)")
-    p.add_argument("--output", required=True, help="img_db root; the DB goes to OUTPUT/<img_dir name>/")
-    p.add_argument("--nproc", type=int, default=8, help="worker processes")
-    p.add_argument("--compress", action="store_true", help="store compressed .npz values")
-    p.add_argument("--keep_all", action="store_true", help="keep every box (sub-DB 'all', nbb.json)")
-    p.add_argument("--conf_th", type=float, default=0.2, help="confidence threshold (-1: fixed num_bb)")
-    p.add_argument("--max_bb", type=int, default=100, help="max boxes per image")
-    p.add_argument("--min_bb", type=int, default=10, help="min boxes per image")
-    p.add_argument("--num_bb", type=int, default=100, help="boxes per image when conf_th is -1")
-    opts = p.parse_args()
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--img_dir", required=True, help="folder of .npz files (its name names the img_db)")
+    a("--output", required=True, help="img_db root; the DB goes to OUTPUT/<img_dir name>/")
+    a("--nproc", type=int, default=8, valid=POSITIVE, help="worker processes")
+    a("--compress", action="store_true", help="store compressed .npz values")
+    a("--keep_all", action="store_true", help="keep every box (sub-DB 'all', nbb.json)")
+    add_box_selection_args(p, num_bb=100)
+    return p
 
+
+def main(opts):
     img_dir = opts.img_dir.rstrip("/")
     if not isdir(img_dir):
-        sys.exit(f"convert_imgdir.py: error: --img_dir {img_dir} is not a directory")
+        raise DataError(f"--img_dir {img_dir} is not a directory")
     files = sorted(glob.glob(join(img_dir, "*.npz")))
     if not files:
-        sys.exit(f"convert_imgdir.py: error: no .npz files in {img_dir}")
-    out_dir = join(opts.output, basename(img_dir))
-    try:
-        writer = ImgDbWriter(out_dir, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
-                             opts.compress, keep_all=opts.keep_all)
-    except DataError as e:
-        sys.exit(f"convert_imgdir.py: error: {e}")
+        raise DataError(f"no .npz files in {img_dir}")
+    writer = ImgDbWriter(join(opts.output, basename(img_dir)), opts.conf_th, opts.max_bb, opts.min_bb,
+                         opts.num_bb, opts.compress, keep_all=opts.keep_all)
     load = partial(load_npz, conf_th=opts.conf_th, max_bb=opts.max_bb, min_bb=opts.min_bb,
                    num_bb=opts.num_bb, keep_all=opts.keep_all)
     corrupted = []
-    with writer, mp.Pool(max(1, opts.nproc)) as pool:
+    with writer, mp.Pool(opts.nproc) as pool:
         for name, arrays, nbb in tqdm(pool.imap_unordered(load, files, chunksize=16),
                                       total=len(files), desc="converting"):
             if arrays is None:
                 corrupted.append((name, nbb))
             else:
                 writer.put(name, arrays, nbb)
+        if len(corrupted) == len(files):
+            raise DataError(f"none of the {len(files)} .npz files of {img_dir} is usable (first: {corrupted[0][0]}: "
+                            f"{corrupted[0][1]}); remove the empty {writer.db_dir} before running again")
     print(f"wrote {len(files) - len(corrupted)} images to {writer.db_dir}")
     if corrupted:
         print(f"skipped {len(corrupted)} unreadable file(s):")
@@ -86,4 +107,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main, build_parser())

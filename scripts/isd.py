@@ -11,7 +11,6 @@ phrase-to-box alignments in the style of Flickr30k Entities; word indices count 
 caption's WordPiece tokens from 0 (no [CLS]), box indices the image's regions in img_db
 order (see scripts/examples/isda_annotations.json).
 """
-import argparse
 import json
 import os
 import sys
@@ -24,8 +23,9 @@ from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTo
 from data.batch import padded_layout_masks  # noqa: E402
 from model import IMG_DIM, UniterForImageTextRetrieval  # noqa: E402
 from model.iais import VARIANTS  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from utils.config import add_box_args  # noqa: E402
+from utils.checks import check_split, load_model  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import POSITIVE, ConfigError, add_box_args, load_json, make_parser  # noqa: E402
 from utils.isd import annotated_isd, layer_attention_blocks, pair_isd  # noqa: E402
 
 
@@ -45,6 +45,8 @@ def add_split_args(parser):
     """Flags naming a split and a model (shared with visualize_attention.py)."""
     for flag in ("--txt_db", "--img_db", "--checkpoint", "--model_config"):
         parser.add_argument(flag, required=True)
+    parser.add_argument("--allow_random_init", action="store_true",
+                        help="accept a checkpoint that leaves part of the model at random initialisation")
     add_box_args(parser)
 
 
@@ -52,9 +54,33 @@ def open_split(opts):
     """(matched-pair dataset, model in eval mode) from the add_split_args flags."""
     txt_db = TxtTokLmdb(opts.txt_db, -1)
     img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
-    state = load_checkpoint(opts.checkpoint)
-    model = UniterForImageTextRetrieval.from_pretrained(opts.model_config, state, img_dim=IMG_DIM, pairs_num=1)
+    model, _ = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint, opts.allow_random_init,
+                          img_dim=IMG_DIM, pairs_num=1)
+    check_split(txt_db, img_db, model.config, IMG_DIM)
     return ItmRankDatasetHardNegFromText(txt_db, img_db, 1), model.eval()
+
+
+def read_annotations(path):
+    """{text id: [(word indices, box indices), ...]}, checked for shape and types."""
+    annotations = load_json(path, "annotations")
+    ok = isinstance(annotations, dict) and all(
+        isinstance(pairs, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(idx, list) and idx and all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
+                for idx in pair)
+            for pair in pairs)
+        for pairs in annotations.values())
+    if not ok:
+        raise ConfigError(f"annotations {path} must map text ids to lists of [[word indices], [box indices]] "
+                          f"(non-empty lists of integers)")
+    return annotations
+
+
+def check_alignments(txt_id, alignments, n_words, n_boxes, path):
+    for words, boxes in alignments:
+        if not (0 <= min(words) and max(words) < n_words and 0 <= min(boxes) and max(boxes) < n_boxes):
+            raise DataError(f"annotations {path}: {txt_id!r} has {n_words} words and {n_boxes} boxes, but an "
+                            f"alignment names words {words} and boxes {boxes}")
 
 
 def plot(isd, path, title):
@@ -74,22 +100,18 @@ def plot(isd, path, title):
     plt.close(fig)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
     add_split_args(p)
     p.add_argument("--output", required=True, help="folder for isd.json and isd.png")
     p.add_argument("--annotations", default=None, help="phrase-to-box alignments (JSON) for ISDa")
-    p.add_argument("--max_pairs", type=int, default=1000, help="matched pairs to average over")
-    opts = p.parse_args()
-    try:
-        dataset, model = open_split(opts)
-        annotations = {}
-        if opts.annotations:
-            with open(opts.annotations) as f:
-                annotations = json.load(f)
-    except (DataError, CheckpointError, OSError, ValueError) as e:
-        sys.exit(f"isd.py: error: {e}")
+    p.add_argument("--max_pairs", type=int, default=1000, valid=POSITIVE, help="matched pairs to average over")
+    return p
 
+
+def main(opts):
+    dataset, model = open_split(opts)
+    annotations = read_annotations(opts.annotations) if opts.annotations else {}
     n_layers = model.config.num_hidden_layers
     sums = [{v: 0.0 for v in VARIANTS} for _ in range(n_layers)]
     isda = [[] for _ in range(n_layers)]
@@ -100,6 +122,7 @@ def main():
             for v, d in pair_isd(blocks, 0, n_words, n_boxes).items():
                 sums[layer][v] += d
             if txt_id in annotations:
+                check_alignments(txt_id, annotations[txt_id], n_words, n_boxes, opts.annotations)
                 d = annotated_isd(blocks[0][0, :n_words, :n_words], blocks[1][0, :n_boxes, :n_boxes],
                                   annotations[txt_id])
                 if d is not None:
@@ -120,4 +143,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main, build_parser())

@@ -10,7 +10,6 @@ their regions) for scripts/isd.py --annotations.
 
     python scripts/make_demo_data.py --output demo        # ~5 s on 2 cores
 """
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,8 @@ import numpy as np
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import ImgDbWriter, write_txt_db  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import POSITIVE, Range, make_parser  # noqa: E402
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -156,20 +157,24 @@ def build(output, n_train, n_val, n_test, seed, twins=0.5, conf_th=0.2, max_bb=1
     return n_img
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--output", default="demo", help="output directory (txt_db/, img_db/demo/)")
-    p.add_argument("--n_train", type=int, default=1000, help="training images")
-    p.add_argument("--n_val", type=int, default=100, help="validation images")
-    p.add_argument("--n_test", type=int, default=100, help="test images")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
-    p.add_argument("--twins", type=float, default=0.5,
-                   help="fraction of the images that come in twin pairs (same objects, other places)")
-    args = p.parse_args()
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--output", default="demo", help="output directory (txt_db/, img_db/demo/)")
+    a("--n_train", type=int, default=1000, valid=POSITIVE, help="training images")
+    a("--n_val", type=int, default=100, valid=POSITIVE, help="validation images")
+    a("--n_test", type=int, default=100, valid=POSITIVE, help="test images")
+    a("--seed", type=int, default=0, valid=Range(0, 2**32 - 1), help="random seed (same seed, same files)")
+    a("--twins", type=float, default=0.5, valid=Range(0, 1),
+      help="fraction of the images that come in twin pairs (same objects, other places)")
+    return p
+
+
+def main(args):
     st = time.time()
     n = build(args.output, args.n_train, args.n_val, args.n_test, args.seed, args.twins)
     print(f"wrote {n} images and {5 * n} captions to {args.output} in {time.time() - st:.1f}s")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, build_parser())

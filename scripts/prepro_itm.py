@@ -11,8 +11,6 @@ img_dbs: Flickr30k "flickr30k_{stem:012d}.npz" (1000092795.jpg -> flickr30k_0010
 COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change it with
 --img_fname (fields: stem, filename, filepath, cocoid, imgid, dataset).
 """
-import argparse
-import json
 import os
 import re
 import sys
@@ -22,13 +20,18 @@ from tqdm import tqdm
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import DataError, write_txt_db  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import ConfigError, load_json, make_parser  # noqa: E402
 
 DEFAULT_FNAME = {"flickr30k": "flickr30k_{stem:012d}.npz", "coco": "coco_{filepath}_{cocoid:012d}.npz"}
 SPLITS = {"flickr30k": ("train", "val", "test"), "coco": ("train", "restval", "val", "test")}
 
 
-def build_meta(tokenizer, toker_name):
+def build_meta(tokenizer, toker_name, vocab_path):
     vocab = tokenizer.vocab
+    lacking = [k for k in ("UNK", "CLS", "SEP", "MASK") if f"[{k}]" not in vocab]
+    if lacking:
+        raise DataError(f"--vocab {vocab_path} has no [{lacking[0]}] token; pass a BERT WordPiece vocab file")
     ids = {k: vocab[f"[{k}]"] for k in ("UNK", "CLS", "SEP", "MASK")}
     first_word = next(i for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])
                       if i > ids["MASK"] and not re.fullmatch(r"\[.*\]", tok))
@@ -49,49 +52,78 @@ def image_fields(img, dataset):
             "imgid": img.get("imgid"), "dataset": dataset}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--annotation", required=True, help="Karpathy-split JSON")
-    p.add_argument("--vocab", required=True, help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
-    p.add_argument("--output", required=True, help="folder for the txt_dbs")
-    p.add_argument("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
-    p.add_argument("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
-    p.add_argument("--img_fname", default=None, help="img_fname template (see above)")
-    p.add_argument("--dataset", choices=sorted(SPLITS), default=None,
-                   help="dataset name (default: the JSON's 'dataset' field)")
-    opts = p.parse_args()
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--annotation", required=True, help="Karpathy-split JSON")
+    a("--vocab", required=True, help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
+    a("--output", required=True, help="folder for the txt_dbs")
+    a("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
+    a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
+    a("--img_fname", default=None, help="img_fname template (see above)")
+    a("--dataset", choices=sorted(SPLITS), default=None, help="dataset name (default: the JSON's 'dataset' field)")
+    return p
 
-    from pytorch_pretrained_bert import BertTokenizer
+
+def read_annotation(path):
+    """The Karpathy JSON's image list, each entry with what the conversion reads."""
+    ann = load_json(path, "annotation")
+    images = ann.get("images") if isinstance(ann, dict) else None
+    if not isinstance(images, list):
+        raise ConfigError(f"{path}: no 'images' list; pass a Karpathy-split JSON (dataset_flickr30k.json)")
+    for k, img in enumerate(images):
+        if not (isinstance(img, dict) and isinstance(img.get("filename"), str) and "split" in img
+                and isinstance(img.get("sentences"), list)
+                and all(isinstance(s, dict) and "sentid" in s and ("raw" in s or "tokens" in s)
+                        for s in img["sentences"])):
+            raise ConfigError(f"{path}: images[{k}] needs 'filename', 'split' and 'sentences' (each with 'sentid' "
+                              f"and 'raw' or 'tokens')")
+    return ann, images
+
+
+def caption_fname(template, fields):
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"--img_fname {template!r} does not fit image {fields['filename']!r} ({type(e).__name__}: "
+                          f"{e}); fields: {', '.join(fields)}") from None
+
+
+def main(opts):
     for path in (opts.annotation, opts.vocab):
         if not exists(path):
-            sys.exit(f"prepro_itm.py: error: {path} not found")
-    with open(opts.annotation, encoding="utf-8") as f:
-        ann = json.load(f)
+            raise DataError(f"{path} not found")
+    try:
+        from pytorch_pretrained_bert import BertTokenizer
+    except ImportError:
+        raise ConfigError("the tokenizer package is missing: pip install -r requirements.txt") from None
+    ann, images = read_annotation(opts.annotation)
     dataset = opts.dataset or ann.get("dataset")
     if dataset not in SPLITS:
-        sys.exit(f"prepro_itm.py: error: unknown dataset {dataset!r}; pass --dataset flickr30k or coco")
+        raise ConfigError(f"unknown dataset {dataset!r} in {opts.annotation}; pass --dataset flickr30k or coco")
     template = opts.img_fname or DEFAULT_FNAME[dataset]
+    db_dirs = {split: join(opts.output, f"itm_{dataset}_{split}.db") for split in SPLITS[dataset]}
+    taken = [d for d in db_dirs.values() if exists(join(d, "data.mdb"))]
+    if taken:  # refused before any split is written, so no set of DBs is left half new
+        raise DataError(f"{taken[0]} already holds an LMDB; remove it or choose another --output")
     tokenizer = BertTokenizer(opts.vocab, do_lower_case=opts.uncased)
-    meta = build_meta(tokenizer, opts.toker)
+    meta = build_meta(tokenizer, opts.toker, opts.vocab)
 
     splits = {s: {} for s in SPLITS[dataset]}
-    for img in tqdm(ann["images"], desc="tokenising"):
+    for img in tqdm(images, desc="tokenising"):
         if img["split"] not in splits:
             continue
-        fname = template.format(**image_fields(img, dataset))
+        fname = caption_fname(template, image_fields(img, dataset))
         for sent in img["sentences"]:
             raw = sent.get("raw") or " ".join(sent["tokens"])
             txt_id = str(sent["sentid"])
             splits[img["split"]][txt_id] = caption_value(tokenizer, raw, txt_id, fname)
     os.makedirs(opts.output, exist_ok=True)
     for split, examples in splits.items():
-        db_dir = join(opts.output, f"itm_{dataset}_{split}.db")
-        try:
-            write_txt_db(db_dir, examples, meta)
-        except DataError as e:
-            sys.exit(f"prepro_itm.py: error: {e}")
+        db_dir = db_dirs[split]
+        write_txt_db(db_dir, examples, meta)
         print(f"{db_dir}: {len(examples)} captions of {len({e['img_fname'] for e in examples.values()})} images")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, build_parser())

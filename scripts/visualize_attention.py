@@ -10,8 +10,6 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-import argparse
-import json
 import sys
 from os.path import abspath, dirname
 
@@ -19,7 +17,8 @@ import torch
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data import DataError  # noqa: E402
-from utils.checkpoint import CheckpointError  # noqa: E402
+from utils.cli import run  # noqa: E402
+from utils.config import ConfigError, load_json, make_parser  # noqa: E402
 from utils.isd import layer_attention_blocks  # noqa: E402
 
 sys.path.insert(0, dirname(abspath(__file__)))
@@ -30,29 +29,34 @@ def token_names(ids, vocab_path):
     if not vocab_path:
         return [str(i) for i in ids]
     if vocab_path.endswith(".json"):
-        with open(vocab_path) as f:
-            inverse = {v: k for k, v in json.load(f).items()}
+        vocab = load_json(vocab_path, "vocab")
+        if not isinstance(vocab, dict):
+            raise ConfigError(f"--vocab {vocab_path} must be a JSON object {{token: id}}")
+        inverse = {v: k for k, v in vocab.items() if isinstance(v, int)}
     else:
         with open(vocab_path, encoding="utf-8") as f:
             inverse = dict(enumerate(line.rstrip("\n") for line in f))
     return [inverse.get(i, str(i)) for i in ids]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
     add_split_args(p)
     p.add_argument("--txt_id", required=True, help="text id of the pair (its image is the matched one)")
     p.add_argument("--output", required=True, help="PNG file")
     p.add_argument("--layer", type=int, default=-1, help="layer to show (default: the last, where IAIS acts)")
     p.add_argument("--vocab", default=None, help="vocabulary to print tokens as words")
-    opts = p.parse_args()
-    try:
-        dataset, model = open_split(opts)
-        if opts.txt_id not in dataset.ids:
-            raise DataError(f"--txt_id {opts.txt_id} is not a text id of {opts.txt_db}")
-    except (DataError, CheckpointError, OSError, ValueError) as e:
-        sys.exit(f"visualize_attention.py: error: {e}")
+    return p
 
+
+def main(opts):
+    dataset, model = open_split(opts)
+    if opts.txt_id not in dataset.ids:
+        raise DataError(f"--txt_id {opts.txt_id} is not a text id of {opts.txt_db}")
+    n_layers = model.config.num_hidden_layers
+    if not -n_layers <= opts.layer < n_layers:
+        raise ConfigError(f"--layer {opts.layer} is not a layer of the model ({n_layers} layers: "
+                          f"0 to {n_layers - 1}, or -1 for the last)")
     _, batch, n_words, n_boxes = pair_batch(dataset, dataset.ids.index(opts.txt_id))
     txt, img, t2i, i2t = (b[0] for b in layer_attention_blocks(model, batch)[opts.layer])
     txt, img = txt[:n_words, :n_words], img[:n_boxes, :n_boxes]
@@ -81,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run(main, build_parser())

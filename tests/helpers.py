@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -26,14 +27,26 @@ def tiny_train_config(path, **overrides):
     return str(path)
 
 
-def run(args, launcher=None, nproc=2, timeout=300, env=None):
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it), so that
+    launches running side by side never meet on torchrun's default 29500."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(args, launcher=None, nproc=2):
+    """The command line that runs ``args`` (a script and its flags) under ``launcher``."""
     if launcher == "torchrun":
-        cmd = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc)] + args
-    elif launcher == "horovodrun":
-        cmd = [os.path.join(BIN, "horovodrun"), "-np", str(nproc), "--gloo", PY] + args
-    else:
-        cmd = [PY] + args
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())] + args
+    if launcher == "horovodrun":
+        return [os.path.join(BIN, "horovodrun"), "-np", str(nproc), "--gloo", PY] + args
+    return [PY] + args
+
+
+def run(args, launcher=None, nproc=2, timeout=300, env=None):
+    return subprocess.run(launch_cmd(args, launcher, nproc), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 

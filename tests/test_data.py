@@ -493,10 +493,12 @@ def test_recycled_buffers_shared_by_threads_hand_out_each_buffer_once():
 def test_each_thread_reads_through_its_own_transaction(txt_db, img_db):
     import threading
     txns, feats = {}, {}
+    both_read = threading.Barrier(2)  # both alive at once: a finished thread's id can be given again
 
     def read(tag):
         txns[tag] = img_db.txn._txn()
         feats[tag] = img_db["flickr30k_000000000007.npz"][0].clone()
+        both_read.wait()
 
     threads = [threading.Thread(target=read, args=(t,)) for t in range(2)]
     for t in threads:

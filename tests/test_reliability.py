@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import BIN, PY, ROOT, horovod_available, img_db_with_corrupt_value, run, tiny_train_config
+from helpers import ROOT, horovod_available, img_db_with_corrupt_value, launch_cmd, run, tiny_train_config
 from utils.checkpoint import CheckpointError, atomic_save, load_checkpoint
 
 
@@ -116,26 +116,39 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous file there is intact"):
+    with pytest.raises(CheckpointError, match="no space left on the device holding .*previous file there is intact"):
         atomic_save({"w": torch.zeros(3)}, str(path))
+    with pytest.raises(CheckpointError, match="no space left .*; nothing was written there$"):
+        atomic_save({"w": torch.zeros(3)}, str(tmp_path / "model_step_4.pt"))
     monkeypatch.undo()
     assert torch.equal(load_checkpoint(str(path))["w"], torch.ones(3))
     assert os.listdir(tmp_path) == ["model_step_2.pt"]
 
 
+def test_serializer_write_failure_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save's own error on a full disk names no reason; the free space does."""
+    import shutil
+    from collections import namedtuple
+
+    def failed_write(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing "
+                           "file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", failed_write)
+    monkeypatch.setattr(shutil, "disk_usage", lambda d: namedtuple("usage", "total used free")(100, 100, 0))
+    with pytest.raises(CheckpointError, match=f"could not write .*: no space left on the device holding {tmp_path}"):
+        atomic_save({"w": torch.zeros(3)}, str(tmp_path / "m.pt"))
+
+
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    """Features holding inf make every gradient non-finite: steps are skipped, the run
-    stops after --max_skipped_steps, and no checkpoint with non-finite weights exists."""
-    from data import ImgDbWriter
-    src = __import__("data").DetectFeatLmdb(IMG_DB, 0.2, 100, 10, 36, False)
-    bad = tmp_path / "img"
-    with ImgDbWriter(str(bad), 0.2, 100, 10, 36) as w:
-        for name in src.name2nbb:
-            arrays = src.read_arrays(name, ("features", "norm_bb", "conf", "soft_labels"), cut=False)
-            arrays = {k: np.array(a) for k, a in arrays.items()}
-            arrays["features"][:] = np.inf
-            w.put(name, arrays, src.name2nbb[name])
-    cfg = tiny_train_config(tmp_path / "c.json", train_img_dbs=[str(bad)], num_train_steps=6, valid_steps=1)
+    """Image weights so large (finite, ~1e36) that the embedding overflows make every
+    gradient non-finite: steps are skipped, the run stops after --max_skipped_steps, and no
+    checkpoint with non-finite weights exists."""
+    state = torch.load(os.path.join(FIXTURES, "ref_model.pt"), weights_only=True)
+    state["uniter.img_embeddings.img_linear.weight"] = state["uniter.img_embeddings.img_linear.weight"] * 1e38
+    assert torch.isfinite(state["uniter.img_embeddings.img_linear.weight"]).all()
+    torch.save(state, tmp_path / "huge.pt")
+    cfg = tiny_train_config(tmp_path / "c.json", checkpoint=str(tmp_path / "huge.pt"), num_train_steps=6, valid_steps=1)
     res = run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(tmp_path / "o"),
                "--max_skipped_steps", "3"])
     assert_one_line_error(res, "3 consecutive steps had non-finite gradients")
@@ -147,26 +160,23 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     assert "model_step_1.pt" in ckpts  # skipped steps leave the weights as they were
 
 
-def _descendants(pid):
-    """(pid, args) of every process below ``pid``."""
-    rows = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    children = {}
-    for line in rows.splitlines():
-        fields = line.split(None, 2)
-        if len(fields) == 3:
-            children.setdefault(int(fields[1]), []).append((int(fields[0]), fields[2]))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child[0])
-    return out
+def _wait_for_ready_ranks(proc, ready_dir, n, timeout=120):
+    """Process ids of the ``n`` ranks once each has written its ready file (see rank_probe.py)."""
+    deadline = time.time() + timeout
+    files = [os.path.join(ready_dir, f"rank{r}.pid") for r in range(n)]
+    while time.time() < deadline and proc.poll() is None and not all(os.path.exists(f) for f in files):
+        time.sleep(0.2)
+    ready = [f for f in files if os.path.exists(f)]
+    assert len(ready) == n, f"{len(ready)} of {n} ranks reached the training loop (launcher exit: {proc.poll()})"
+    return [int(open(f).read()) for f in files]
 
 
-def _workers(launcher_pid):
-    """The Python training processes a launcher started (not wrapping shells)."""
-    return [pid for pid, args in _descendants(launcher_pid)
-            if "train_itm_hard_negatives.py" in args and not args.startswith("/bin/sh")]
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return "rank_probe" in f.read()
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "horovodrun"])
@@ -174,33 +184,30 @@ def test_dead_rank_stops_the_others(tmp_path, launcher):
     if launcher == "horovodrun" and not horovod_available():
         pytest.skip("horovod is not installed (make test installs it)")
     cfg = tiny_train_config(tmp_path / "c.json", num_train_steps=10000, valid_steps=10000)
-    out = str(tmp_path / "o")
-    train = ["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", out, "--collective_timeout", "20"]
-    cmd = ([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2"] if launcher == "torchrun"
-           else [os.path.join(BIN, "horovodrun"), "-np", "2", "--gloo", PY]) + train
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
+    train = [os.path.join("tests", "rank_probe.py"), "train_itm_hard_negatives.py", "--config", cfg,
+             "--output_dir", str(tmp_path / "o"), "--collective_timeout", "20"]
+    ready_dir = tmp_path / "ready"
+    ready_dir.mkdir()
+    proc = subprocess.Popen(launch_cmd(train, launcher), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "RANK_READY_DIR": str(ready_dir)})
     workers = []
     try:
-        while time.time() < deadline and not (len(workers) == 2 and os.path.exists(os.path.join(out, "log", "log.txt"))):
-            time.sleep(0.5)
-            workers = _workers(proc.pid)
-        assert len(workers) == 2, f"workers did not start: {workers}"
-        time.sleep(3)  # both are in the training loop
+        workers = _wait_for_ready_ranks(proc, str(ready_dir), 2)
         os.kill(workers[1], signal.SIGKILL)
         start = time.time()
         proc.wait(timeout=90)
         assert proc.returncode != 0
         assert time.time() - start < 90
         time.sleep(1)
-        survivors = [p for p in workers if subprocess.run(["kill", "-0", str(p)], capture_output=True).returncode == 0
-                     and "train_itm" in open(f"/proc/{p}/cmdline").read()]
+        survivors = [p for p in workers if _alive(p)]
         assert not survivors, f"ranks outlived the run: {survivors}"
     finally:
-        for pid, _ in _descendants(proc.pid) + [(p, "") for p in workers]:
-            try:
+        for pid in workers:
+            if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()

@@ -1,11 +1,15 @@
 """Checkpoints: atomic writes, pickle-free loads, and the training state for --resume."""
+import errno
 import os
 import pickle
+import shutil
 import re
 import zipfile
 from os.path import dirname, exists, join
 
 import torch
+
+from .misc import set_rng_state
 
 
 class CheckpointError(ValueError):
@@ -27,7 +31,8 @@ def atomic_save(obj, path):
         if exists(tmp):
             os.remove(tmp)
         if isinstance(e, (OSError, RuntimeError)):
-            raise CheckpointError(f"could not write {path} ({e}); the previous file there is intact") from None
+            kept = "; the previous file there is intact" if exists(path) else "; nothing was written there"
+            raise CheckpointError(f"could not write {path}: {_write_failure(e, directory)}{kept}") from None
         raise
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -36,15 +41,43 @@ def atomic_save(obj, path):
         os.close(fd)
 
 
+def _write_failure(error, directory):
+    """Why a write failed, in the user's terms: torch.save's serializer reports a full disk
+    as 'file write failed' without the system's reason, so the free space is looked at."""
+    if getattr(error, "errno", None) == errno.ENOSPC or (
+            isinstance(error, RuntimeError) and "write failed" in str(error)
+            and shutil.disk_usage(directory).free < _LOW_SPACE):
+        return f"no space left on the device holding {directory}; free some space and run again"
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror} ({directory})"
+    return _first_line(error)
+
+
+_LOW_SPACE = 64 << 20
+
+
 def _first_line(error):
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
+
+
+def _looks_like_torch_save(path):
+    """torch.save writes a zip archive (or, in its legacy format, a pickle: first byte 0x80);
+    a truncated archive still starts with the zip signature."""
+    if os.path.isdir(path):
+        return False
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def load_checkpoint(path, what="checkpoint"):
     """torch.load(weights_only=True): a file that needs pickled code is refused, unrun."""
     if not exists(path):
         raise CheckpointError(f"{what} {path} not found")
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{what} {path} is unreadable or truncated: not a file written by torch.save "
+                              f"(neither its zip format nor a pickle)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -52,6 +85,34 @@ def load_checkpoint(path, what="checkpoint"):
                               f"({_first_line(e)}); only plain tensor files are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{what} {path} is unreadable or truncated ({_first_line(e)})") from None
+
+
+def _describe(obj):
+    return f"a {type(obj).__name__}" + (f" of {len(obj)} entries" if isinstance(obj, (dict, list, tuple)) else "")
+
+
+def load_model_state(path, what="checkpoint"):
+    """A model state dict from ``path``: a non-empty mapping of names to finite tensors.
+    Anything else (a training state, a list, a dict of other things, NaN weights) is
+    refused with the reason."""
+    state = load_checkpoint(path, what)
+    if isinstance(state, dict) and {"optimizer", "global_step"} <= set(state):
+        raise CheckpointError(f"{what} {path} is a training state (for --resume), not model weights; "
+                              f"pass the model_step_N.pt next to it")
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{what} {path} holds {_describe(state)}, not a model state dict "
+                              f"(parameter names mapped to tensors)")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{what} {path}: entry {key!r} holds {_describe(value)}, not a tensor; "
+                                  f"this is not a model state dict")
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    if bad:
+        first = next(iter(bad))
+        raise CheckpointError(f"{what} {path}: {len(bad)} tensor(s) hold non-finite values (first: {first}, "
+                              f"{bad[first]} values); these weights are unusable")
+    return state
 
 
 def state_dict_on_cpu(model):
@@ -76,6 +137,31 @@ def save_model(model, ckpt_dir, tag):
 def save_training_state(ckpt_dir, step, state):
     """ckpt/train_state_{step}.pt, written after model_step_{step}.pt."""
     atomic_save(state, join(ckpt_dir, f"train_state_{step}.pt"))
+
+
+def _settings(param_groups):
+    return sorted(k for group in param_groups for k in group if k != "params")
+
+
+def restore_training_state(path, optimizer, scaler, streams, rank):
+    """Load ckpt/train_state_{N}.pt into the optimizer, the loss scaler, the data streams
+    and the RNGs; returns the step. A state written by another optimiser, model or format
+    is refused with one line instead of failing at the first step."""
+    state = load_checkpoint(path, "training state")
+    try:
+        saved = state["optimizer"]["param_groups"]
+        if _settings(saved) != _settings(optimizer.param_groups):
+            raise ValueError(f"written by another optimiser (settings {', '.join(sorted(set(_settings(saved))))})")
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        for side, stream in streams.items():
+            stream.load_state_dict(state["streams"][side])
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        return int(state["global_step"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"training state {path} does not fit this run ({type(e).__name__}: {_first_line(e)}); "
+                              f"resume with the options it was written with (log/hps.json)") from None
 
 
 def latest_training_state(ckpt_dir):

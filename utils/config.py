@@ -6,6 +6,7 @@ that names the culprit and, where it helps, the closest known name.
 import argparse
 import difflib
 import json
+import math
 import sys
 
 
@@ -13,9 +14,46 @@ class ConfigError(ValueError):
     pass
 
 
+class Range:
+    """The valid values of a numeric option: ``low``/``high`` bounds (open or closed) and
+    special values allowed besides (``also``, e.g. -1 for "off")."""
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False, also=()):
+        self.low, self.high, self.low_open, self.high_open, self.also = low, high, low_open, high_open, also
+
+    def __contains__(self, value):
+        if value in self.also:
+            return True
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self):
+        if self.low is not None and self.high is not None:
+            text = f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            text = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            text = f"{'<' if self.high_open else '<='} {self.high}"
+        return text + "".join(f" or {v}" for v in self.also)
+
+
+POSITIVE = Range(1)
+NON_NEGATIVE = Range(0)
+PROBABILITY = Range(0, 1, high_open=True)
+
+
 class _Parser(argparse.ArgumentParser):
+    """Raises ConfigError instead of exiting; ``add_argument`` takes ``valid=Range(...)``,
+    checked after flags and config are merged (one place for every option's range)."""
+
     def error(self, message):
         raise ConfigError(message)
+
+    def add_argument(self, *args, valid=None, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        action.valid = valid
+        return action
 
 
 def make_parser(description):
@@ -74,9 +112,36 @@ def _check_scalar(action, key, value, source):
     return value
 
 
+def _check_values(parser, args):
+    """Every float finite (argparse takes 'nan' and 'inf'), every declared Range held."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if value is None or isinstance(value, bool):
+            continue
+        values = value if isinstance(value, list) else [value]
+        name = action.option_strings[-1] if action.option_strings else action.dest
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{name} must be a finite number, got {v}")
+            valid = getattr(action, "valid", None)
+            if valid is not None and isinstance(v, (int, float)) and v not in valid:
+                raise ConfigError(f"{name} must be {valid}, got {v}")
+
+
+def _check_config_only(key, value, kind, source):
+    """``kind``: 'path' (a non-empty string) or 'paths' (a non-empty list of them)."""
+    values = value if kind == "paths" and isinstance(value, list) else [value]
+    if (kind == "paths" and not isinstance(value, list)) or not value or \
+            not all(isinstance(v, str) and v for v in values):
+        expected = "a non-empty list of paths" if kind == "paths" else "a path (a non-empty string)"
+        raise ConfigError(f"{source}: {key} must be {expected}, got {json.dumps(value)}")
+    return value
+
+
 def parse_with_config(parser, argv=None, config_only_keys=()):
     """Parse flags; when --config is given, its keys fill in every flag not on the command
-    line. ``config_only_keys`` are accepted in the JSON only (dataset paths and the like)."""
+    line. ``config_only_keys`` ({key: 'path' or 'paths'}) are accepted in the JSON only
+    (dataset paths and the like). Every option is then checked against its declared range."""
     argv = sys.argv[1:] if argv is None else argv
     known = {a.dest: a for a in parser._actions if a.dest != "help"}
     args, unknown = parser.parse_known_args(argv)
@@ -98,21 +163,41 @@ def parse_with_config(parser, argv=None, config_only_keys=()):
             raise ConfigError(f"{args.config}: the config must be a JSON object")
         for key, value in config.items():
             if key in config_only_keys:
-                setattr(args, key, value)
+                setattr(args, key, _check_config_only(key, value, config_only_keys[key], args.config))
             elif key in known and key != "config":
                 if key not in given:
                     setattr(args, key, _check_type(known[key], key, value, args.config))
             else:
                 raise ConfigError(f"{args.config}: unknown key {key!r}"
                                   f"{_closest(key, list(known) + list(config_only_keys))}")
+    _check_values(parser, args)
     return args
+
+
+def take_settings(parser, opts, path, keys, what="train config"):
+    """Set ``keys`` of ``opts`` from the JSON object at ``path`` (e.g. a training run's
+    hps.json), each checked as if it were given in --config."""
+    settings = load_json(path, what)
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{what} {path} must be a JSON object, got {type(settings).__name__}")
+    actions = {a.dest: a for a in parser._actions}
+    for key in keys:
+        if key in settings:
+            setattr(opts, key, _check_type(actions[key], key, settings[key], path))
+    _check_values(parser, opts)
 
 
 def add_box_args(parser):
     """The img_db box-selection flags shared by every command that opens an img_db."""
+    parser.add_argument("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
+    add_box_selection_args(parser)
+
+
+def add_box_selection_args(parser, num_bb=36):
+    """--conf_th --max_bb --min_bb --num_bb: which boxes of each image an img_db holds."""
     a = parser.add_argument
-    a("--compressed_db", action="store_true", help="use the compressed img_db sub-directories")
-    a("--conf_th", type=float, default=0.2, help="box confidence threshold (-1: fixed num_bb)")
-    a("--max_bb", type=int, default=100, help="max boxes per image")
-    a("--min_bb", type=int, default=10, help="min boxes per image")
-    a("--num_bb", type=int, default=36, help="boxes per image when conf_th is -1")
+    a("--conf_th", type=float, default=0.2, valid=Range(0, 1, also=(-1,)),
+      help="box confidence threshold (-1: fixed num_bb)")
+    a("--max_bb", type=int, default=100, valid=POSITIVE, help="max boxes per image")
+    a("--min_bb", type=int, default=10, valid=NON_NEGATIVE, help="min boxes per image")
+    a("--num_bb", type=int, default=num_bb, valid=POSITIVE, help="boxes per image when conf_th is -1")

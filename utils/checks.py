@@ -1,0 +1,180 @@
+"""Checks made before the first training step or evaluation pass: a mistake in the data,
+the model config or the checkpoint ends the run at once with one line naming it, instead
+of a crash hours later or a wrong number.
+
+Each costs at most a few seconds on the full Flickr30k and COCO DBs: the caption scan
+decodes every caption once, the image DBs are probed with one image each (features are
+checked for non-finite values as each image is first read, in data/db.py)."""
+import json
+import math
+import os
+
+import torch
+
+from data import DataError
+from model import UniterConfig
+from model.layer import ACT2FN
+from model.model import _normalise_checkpoint_keys
+
+from .checkpoint import CheckpointError, load_model_state
+from .config import ConfigError, load_json
+from .logger import LOGGER
+
+_MODEL_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size")
+_MODEL_PROBS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def read_model_config(path):
+    """A UniterConfig from ``path``, every key the model reads present and of the right type."""
+    config = load_json(path, "model config")
+    if not isinstance(config, dict):
+        raise ConfigError(f"model config {path} must be a JSON object, got {type(config).__name__}")
+
+    def fail(key, expected):
+        got = json.dumps(config[key]) if key in config else "nothing"
+        raise ConfigError(f"model config {path}: {key} must be {expected}, got {got}")
+
+    for key in _MODEL_INTS:
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            fail(key, "a positive integer")
+    for key in _MODEL_PROBS + ("initializer_range",):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0 \
+                or (key in _MODEL_PROBS and value >= 1):
+            fail(key, "a number in [0, 1)" if key in _MODEL_PROBS else "a non-negative number")
+    if config.get("hidden_act") not in ACT2FN:
+        fail("hidden_act", f"one of {', '.join(sorted(ACT2FN))}")
+    if config["hidden_size"] % config["num_attention_heads"]:
+        fail("hidden_size", f"a multiple of num_attention_heads ({config['num_attention_heads']})")
+    return UniterConfig.from_dict(config)
+
+
+def _encoder_layers(keys):
+    return len({k.split(".")[3] for k in keys if k.startswith("uniter.encoder.layer.")})
+
+
+def _check_filled(model, state, path, allow_random_init):
+    """Refuse a checkpoint that leaves part of the UNITER body (embeddings, encoder layers,
+    pooler) at random initialisation or holds layers the model does not have."""
+    own = [k for k in model.state_dict() if k.startswith("uniter.")]
+    loaded = [k for k in _normalise_checkpoint_keys(state) if k.startswith("uniter.")]
+    missing = sorted(set(own) - set(loaded))
+    unused = sorted(set(loaded) - set(own))
+    if not missing and not unused:
+        return
+    detail = (f"checkpoint {path} has {_encoder_layers(loaded)} encoder layer(s), the model config "
+              f"{_encoder_layers(own)}; {len(missing)} of the model's {len(own)} UNITER tensors are not in it"
+              + (f" (first: {missing[0]})" if missing else "")
+              + (f" and {len(unused)} of its tensors fit nowhere (first: {unused[0]})" if unused else ""))
+    if not allow_random_init:
+        raise CheckpointError(f"{detail}; use the model config the checkpoint was trained with, or pass "
+                              f"--allow_random_init if random weights are intended")
+    LOGGER.warning("%s; random initialisation kept (--allow_random_init)", detail)
+
+
+def load_model(cls, model_config, checkpoint, allow_random_init=False, **kwargs):
+    """(model, its checkpoint's state dict): ``cls`` built from a checked model config and
+    filled from ``checkpoint`` (None: random initialisation, as asked)."""
+    config = read_model_config(model_config)
+    state = load_model_state(checkpoint) if checkpoint else {}
+    model = cls.from_pretrained(config, state, **kwargs)
+    if checkpoint:
+        _check_filled(model, state, checkpoint, allow_random_init)
+    return model, state
+
+
+_SCANNED = set()  # (txt_db, vocab_size, longest caption allowed) already checked in this process
+
+
+def _check_captions(txt_db, vocab_size, max_len):
+    """Token ids inside the model's vocabulary, lengths as id2len.json says and within the
+    position table, for every caption the split uses."""
+    key = (txt_db.db_dir, vocab_size, max_len)
+    if key in _SCANNED:
+        return
+    id2len, seen = txt_db.id2len, 0
+    for name, token in (("CLS", txt_db.cls_), ("SEP", txt_db.sep)):
+        if not 0 <= token < vocab_size:
+            raise DataError(f"{txt_db.db_dir}/meta.json: {name} {token!r} is outside the model's vocabulary "
+                            f"(vocab_size {vocab_size})")
+    for txt, value in txt_db.db.items():
+        if txt not in id2len:
+            continue
+        seen += 1
+        ids = value.get("input_ids") if isinstance(value, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(i, int) for i in ids):
+            raise DataError(f"{txt_db.db_dir}: text {txt!r} has no list of integer input_ids; rebuild the txt_db")
+        if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+            token = max(ids) if max(ids) >= vocab_size else min(ids)
+            raise DataError(f"{txt_db.db_dir}: text {txt!r} holds token id {token} "
+                            f"outside the model's vocabulary (vocab_size {vocab_size}); the txt_db was made with "
+                            f"another vocabulary than the model config's")
+        if len(ids) != id2len[txt]:
+            raise DataError(f"{txt_db.db_dir}: text {txt!r} has {len(ids)} tokens, id2len.json says {id2len[txt]}; "
+                            f"rebuild the txt_db")
+        if len(ids) + 2 > max_len:
+            raise DataError(f"{txt_db.db_dir}: text {txt!r} has {len(ids)} tokens; with [CLS] and [SEP] it exceeds "
+                            f"the model's {max_len} positions (max_position_embeddings); shorten or drop it")
+    if seen != len(id2len):
+        raise DataError(f"{txt_db.db_dir}: {len(id2len) - seen} text id(s) of id2len.json are not in the LMDB; "
+                        f"rebuild the txt_db")
+    _SCANNED.add(key)
+
+
+def _check_img_db(img_db, img_dim):
+    """The img_db's arrays have the shapes the model takes (one image read: a DB is
+    written by one tool, so its first image tells its layout)."""
+    if not img_db.name2nbb:
+        raise DataError(f"{img_db.db_dir} holds no images")
+    name = next(iter(img_db.name2nbb))
+    arrays = img_db.read_arrays(name, cut=False)
+    feat, bb = arrays["features"], arrays["norm_bb"]
+    if feat.ndim != 2 or feat.shape[1] != img_dim:
+        raise DataError(f"{img_db.db_dir}: image {name!r} has features of shape {feat.shape}, the model takes "
+                        f"[boxes, {img_dim}]; use an img_db of {img_dim}-d region features")
+    if bb.ndim != 2 or bb.shape != (feat.shape[0], 6):
+        raise DataError(f"{img_db.db_dir}: image {name!r} has norm_bb of shape {bb.shape}, expected "
+                        f"[{feat.shape[0]}, 6] (x1, y1, x2, y2, w, h)")
+
+
+def check_split(txt_db, img_db, config, img_dim):
+    """Every start-up check of one (txt_db, img_db) split against the model config."""
+    txt_db.check_links()
+    _check_captions(txt_db, config.vocab_size, config.max_position_embeddings)
+    _check_img_db(img_db, img_dim)
+
+
+def check_scores_finite(scores, txt_ids, img_ids, allow):
+    """Refuse (or, with ``allow``, warn about) non-finite entries of a [texts x images] score matrix."""
+    bad = ~torch.isfinite(scores)
+    n_bad = int(bad.sum())
+    if not n_bad:
+        return
+    rows, cols = bad.nonzero(as_tuple=True)
+    texts = sorted({txt_ids[i] for i in rows.tolist()})
+    images = sorted({img_ids[j] for j in cols.tolist()})
+    detail = (f"{n_bad} of {bad.numel()} scores are not finite, for {len(texts)} text(s) (first: "
+              f"{', '.join(texts[:3])}) and {len(images)} image(s) (first: {', '.join(images[:3])})")
+    if not allow:
+        raise DataError(f"{detail}; check those images' features and the checkpoint, or pass "
+                        f"--allow_nonfinite_scores to write the recall anyway")
+    LOGGER.warning("%s; recall computed anyway (--allow_nonfinite_scores)", detail)
+
+
+def check_head(state, path, allow_random_init):
+    """A checkpoint without a ranking head is scored through its ITM head (zero-shot); one
+    with neither head would score with random weights."""
+    if not any(k.endswith("itm_output.weight") for k in state) and not allow_random_init:
+        raise CheckpointError(f"checkpoint {path} has neither rank_output nor itm_output: the scores would come "
+                              f"from a random head; pass a retrieval or pre-training checkpoint (or "
+                              f"--allow_random_init if that is intended)")
+
+
+def refuse_earlier_results(output_dir, names, overwrite):
+    """Keep an earlier run's results unless ``--overwrite`` asks to replace them."""
+    present = [n for n in names if output_dir and os.path.exists(os.path.join(output_dir, n))]
+    if present and not overwrite:
+        raise ConfigError(f"output_dir {output_dir} already holds {present[0]} of an earlier evaluation; "
+                          f"choose a new --output_dir or pass --overwrite")
