@@ -5,6 +5,7 @@ import sys
 from data import DataError
 from model import CheckpointMismatchError
 
+from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_with_config
 
@@ -30,7 +31,10 @@ def run(main_fn, parser, config_only_keys=()):
     try:
         main_fn(parse_with_config(parser, config_only_keys=config_only_keys))
     except USER_ERRORS as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        # one write: the line of each rank stays whole when several ranks fail at once
+        sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
+        sys.stderr.flush()
+        distributed.abandon()
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

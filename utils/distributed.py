@@ -177,6 +177,15 @@ def barrier():
         torch.distributed.barrier()
 
 
+def abandon():
+    """Leave the process group without waiting for the other ranks (a run stopping on an
+    error): its threads are stopped here, not torn down at interpreter exit, which can abort."""
+    global _backend
+    if _backend == "torch":
+        torch.distributed.destroy_process_group()
+    _backend = None
+
+
 def shutdown():
     global _backend
     if _backend == "torch":
