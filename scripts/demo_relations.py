@@ -50,19 +50,25 @@ def summary_of(outcomes, rows=None):
 
 def paired_bootstrap(runs, other_runs, n_boot=2000, seed=0):
     """The mean over seeds of a twin metric of ``runs`` minus that of ``other_runs`` (lists of
-    winoground_outcomes(), one per seed, on the same twin groups), with the groups resampled
-    together for both: {metric: {diff, ci95, p}}."""
-    n_groups = len(runs[0]["text"])
-    draws = torch.randint(n_groups, (n_boot, n_groups), generator=torch.Generator().manual_seed(seed))
-
-    def mean_diff(metric, rows=None):
-        return (np.mean([summary_of(r, rows)[metric] for r in runs])
-                - np.mean([summary_of(r, rows)[metric] for r in other_runs]))
-
+    winoground_outcomes() on the same twin groups, one per training seed, in the same seed
+    order): {metric: {diff, ci95, p, per_seed}}. Each resample draws seeds (paired: the same
+    seeds for both) and twin groups with replacement, so the interval covers both the
+    training's variation from seed to seed and the test set's sampling."""
+    g = torch.Generator().manual_seed(seed)
+    n_seeds, n_groups = len(runs), len(runs[0]["text"])
+    seed_draws = torch.randint(n_seeds, (n_boot, n_seeds), generator=g)
+    group_draws = torch.randint(n_groups, (n_boot, n_groups), generator=g)
     out = {}
     for metric in TWIN_METRICS:
-        diffs = torch.tensor([mean_diff(metric, rows) for rows in draws], dtype=torch.float64)
-        out[metric] = {"diff": mean_diff(metric), "ci95": percentile_interval(diffs), "p": paired_p_value(diffs)}
+        def diffs(rows=None):
+            return np.array([summary_of(a, rows)[metric] - summary_of(b, rows)[metric]
+                             for a, b in zip(runs, other_runs)])
+
+        boot = torch.tensor([diffs(rows)[seeds.numpy()].mean() for seeds, rows in zip(seed_draws, group_draws)],
+                            dtype=torch.float64)
+        per_seed = diffs()
+        out[metric] = {"diff": float(per_seed.mean()), "ci95": percentile_interval(boot),
+                       "p": paired_p_value(boot), "per_seed": per_seed.tolist()}
     return out
 
 
@@ -146,7 +152,8 @@ def main():
     for name, cmp in results["iais_vs_fair_baseline"].items():
         g = cmp["group"]
         print(f"{name} - fair baseline, Winoground group: {100 * g['diff']:+.1f} "
-              f"(95% CI [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}], p = {g['p']:.3f})")
+              f"(95% CI [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}], p = {g['p']:.3f}; "
+              f"per seed {', '.join(f'{100 * d:+.1f}' for d in g['per_seed'])})")
 
 
 if __name__ == "__main__":
