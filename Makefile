@@ -68,15 +68,18 @@ lock:
 	mv requirements.lock.new requirements.lock
 	rm -rf $(LOCK_VENV)
 
-$(DEMO_DIR)/txt_db/itm_demo_test.db/meta.json: | $(VENV)/.runtime
+# the demo's training config with its paths under DEMO_DIR, written by make_demo_data.py
+$(DEMO_DIR)/train-itm-demo.json: | $(VENV)/.runtime
 	$(PY) scripts/make_demo_data.py --output $(DEMO_DIR)
 
-demo: $(VENV)/.runtime $(DEMO_DIR)/txt_db/itm_demo_test.db/meta.json
+demo: $(VENV)/.runtime $(DEMO_DIR)/train-itm-demo.json
 	rm -rf $(DEMO_OUT)
-	$(PY) train_itm_hard_negatives.py --config config/train-itm-demo.json --output_dir $(DEMO_OUT) --IAIS singular
+	$(PY) train_itm_hard_negatives.py --config $(DEMO_DIR)/train-itm-demo.json --output_dir $(DEMO_OUT) --IAIS singular
 	$(PY) inf_itm.py --txt_db $(DEMO_DIR)/txt_db/itm_demo_test.db --img_db $(DEMO_DIR)/img_db/demo \
 		--checkpoint $$(ls -v $(DEMO_OUT)/ckpt/model_step_*.pt | tail -1) --model_config config/uniter-demo.json \
 		--output_dir $(DEMO_OUT)/eval_test --batch_size 100 --n_workers 0
+	$(PY) scripts/retrieval_metrics.py $(DEMO_OUT)/eval_test/score_matrix.pt \
+		--groups $(DEMO_DIR)/annotations/groups_test.json --output $(DEMO_OUT)/eval_test/metrics.json
 
 test: $(VENV)/.dev $(VENV)/.horovod
 	$(PY) -m pytest -q tests

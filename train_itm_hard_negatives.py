@@ -19,9 +19,10 @@ from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
-from data import (WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHardNegFromImage,
+from data import (DataError, WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHardNegFromImage,
                   ItmRankDatasetHardNegFromText, ItmValDataset, PrefetchLoader, ResumableStream,
                   TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
+from data.groups import read_image_groups
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
 from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
@@ -79,6 +80,12 @@ def build_parser():
     a("--config", type=str, default=None, help="JSON config; flags on the command line win")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
       help="IAIS alignment: singular or distributed (default: off)")
+    a("--negative_groups", type=str, default=None,
+      help="JSON groups of confusable images: each image's group members (text side) and their captions "
+           "(image side) are always among its negatives")
+    a("--fix_image_side_masks", action="store_true",
+      help="image-side hard batches without IAIS get the masks of their padded layout (the original's let "
+           "shorter captions attend to [PAD] and lose the image's last regions)")
     a("--resume", action="store_true", help="continue from the last training state in output_dir")
     a("--max_skipped_steps", type=int, default=100,
       valid=POSITIVE, help="stop after this many consecutive steps with non-finite gradients")
@@ -177,11 +184,16 @@ def build_model(opts, device):
 def build_datasets(opts):
     img_dbs = ImageLmdbGroup(opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
     iais = opts.IAIS or False
+    groups = read_image_groups(opts.negative_groups) if opts.negative_groups else None
     text_side, image_side = [], []
     for txt_path, img_path in zip(opts.train_txt_dbs, opts.train_img_dbs):
         txt_db, img_db = TxtTokLmdb(txt_path, opts.max_txt_len), img_dbs[img_path]
-        text_side.append(ItmRankDatasetHardNegFromText(txt_db, img_db, opts.negative_size, iais))
-        image_side.append(ItmRankDatasetHardNegFromImage(txt_db, img_db, opts.negative_size, iais))
+        text_side.append(ItmRankDatasetHardNegFromText(txt_db, img_db, opts.negative_size, iais, groups))
+        image_side.append(ItmRankDatasetHardNegFromImage(txt_db, img_db, opts.negative_size, iais, groups,
+                                                         padded_masks=opts.fix_image_side_masks))
+    if groups and not any(d.image_groups for d in text_side):
+        raise DataError(f"negative_groups {opts.negative_groups}: none of its images is in the training data; "
+                        f"check that it names images as the txt_db does (img_fname)")
     val_txt = TxtTokLmdb(opts.val_txt_db, -1)
     val_img = img_dbs[opts.val_img_db]
     return {"text": ConcatDataset(text_side), "image": ConcatDataset(image_side),

@@ -66,6 +66,14 @@ def sample_negative(sample_pool, ground_truths, num_sample):
     return rng.sample([x for x in sample_pool if x not in truths], num_sample)
 
 
+def negatives_with(forced, sample_pool, ground_truths, num_sample):
+    """``num_sample`` negatives: ``forced`` first (a seeded sample of them when there are more),
+    then draws from the pool without any ground truth or forced one."""
+    if len(forced) >= num_sample:
+        return getattr(_draws, "rng", random).sample(forced, num_sample)
+    return forced + sample_negative(sample_pool, ground_truths + forced, num_sample - len(forced))
+
+
 def box_position_features(norm_bb):
     """[..., 6] (x1, y1, x2, y2, w, h) -> [..., 7] with the area w*h appended."""
     return torch.cat([norm_bb, norm_bb[..., 4:5] * norm_bb[..., 5:]], dim=-1)
@@ -135,9 +143,11 @@ def _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, nu
 
 class _HardNegDataset(DetectFeatTxtTokDataset):
     """A positive pair and ``neg_sample_size`` negatives per item; ``IAIS`` (truthy) gives
-    the padded layout with the position masks the alignment loss needs."""
+    the padded layout with the position masks the alignment loss needs. ``image_groups``
+    ({image: confusable images}, see data.groups) puts an image's group members (text
+    side) or their captions (image side) among its negatives, before the random ones."""
 
-    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False):
+    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False, image_groups=None):
         if neg_sample_size <= 0:
             raise ValueError("neg_sample_size must be at least 1")
         super().__init__(txt_db, img_db)
@@ -146,6 +156,8 @@ class _HardNegDataset(DetectFeatTxtTokDataset):
         self.img2txts = txt_db.img2txts
         self.neg_sample_size = neg_sample_size
         self.IAIS = IAIS
+        self.image_groups = {img: [m for m in members if m in self.img2txts]
+                             for img, members in (image_groups or {}).items() if img in self.img2txts}
 
     def _check_pool(self, n_candidates, what):
         """Refuse a split that has fewer than ``neg_sample_size`` negatives to draw from."""
@@ -172,7 +184,12 @@ class ItmRankDatasetHardNegFromText(_HardNegDataset):
         input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"]).unsqueeze(0)
         tl = input_ids.size(1)
         position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
-        img_ids = [gt_img] + sample_negative(self.img_name_list, [gt_img], self.neg_sample_size)
+        forced = self.image_groups.get(gt_img)
+        if forced:
+            negatives = negatives_with(forced, self.img_name_list, [gt_img], self.neg_sample_size)
+        else:
+            negatives = sample_negative(self.img_name_list, [gt_img], self.neg_sample_size)
+        img_ids = [gt_img] + negatives
         img_feat, img_pos_feat, num_bbs = self._get_img_feats(img_ids)
         txt_lens = [tl] * len(img_ids)
         if self.IAIS:
@@ -181,21 +198,33 @@ class ItmRankDatasetHardNegFromText(_HardNegDataset):
 
 
 class ItmRankDatasetHardNegFromImage(_HardNegDataset):
-    """One image against its caption and ``neg_sample_size`` captions of other images."""
+    """One image against its caption and ``neg_sample_size`` captions of other images.
 
-    def __init__(self, *args, **kwargs):
+    Without IAIS the batch is, as in the original, laid out for a compact gather whose
+    boxes start after the *last* caption, while the model trains it in the padded layout:
+    a caption shorter than the longest attends to [PAD] tokens and loses as many of the
+    image's last regions. ``padded_masks`` builds the masks of the padded layout instead
+    (every row sees its whole caption and every region; scores equal the pair's alone)."""
+
+    def __init__(self, *args, padded_masks=False, **kwargs):
         super().__init__(*args, **kwargs)
         self.txt_name_list = list(self.txt2img)
         most = max(Counter(self.txt2img.values()).values())
         self._check_pool(len(self.txt_name_list) - most,
                          f"{len(self.txt_name_list)} captions (on this process) minus the {most} of the image "
                          f"with most captions leave {len(self.txt_name_list) - most}")
+        self.padded_masks = padded_masks
 
     def __getitem__(self, i):
         txt_id = self.ids[i]
         gt_img = self.txt2img[txt_id]
         feat, pos, nbb = self._get_img_feat(gt_img)
-        txt_ids = [txt_id] + sample_negative(self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
+        forced = [t for img in self.image_groups.get(gt_img, ()) for t in self.img2txts[img]]
+        if forced:
+            negatives = negatives_with(forced, self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
+        else:
+            negatives = sample_negative(self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
+        txt_ids = [txt_id] + negatives
         texts = [self.txt_db.combine_inputs(self.txt_db[t]["input_ids"]) for t in txt_ids]
         txt_lens = [len(t) for t in texts]
         input_ids = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True, padding_value=0)
@@ -204,6 +233,10 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
         args = (input_ids, position_ids, feat.unsqueeze(0), pos.unsqueeze(0), txt_lens, num_bbs)
         if self.IAIS:
             return _iais_batch(*args, all_rows=False)
+        if self.padded_masks:
+            attn_masks, _, _ = padded_layout_masks(txt_lens, num_bbs)
+            return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": args[2],
+                    "img_pos_feat": args[3], "attn_masks": attn_masks}
         # boxes start after the *last* caption in the original's gather index (see get_gather_index)
         return _compact_batch(*args, box_start=txt_lens[-1])
 

@@ -86,21 +86,6 @@ def run_cuda_tests(log, timeout):
     return {"exit_status": rc, **counts, "failed_tests": failed, "seconds": time.time() - st}
 
 
-def demo_config(demo_dir, out_json, **overrides):
-    """The demo's training config with its data under ``demo_dir``."""
-    with open(join(ROOT, "config", "train-itm-demo.json")) as f:
-        config = json.load(f)
-    for key, value in config.items():
-        if isinstance(value, str) and value.startswith("demo/"):
-            config[key] = join(demo_dir, value[len("demo/"):])
-        elif isinstance(value, list):
-            config[key] = [join(demo_dir, v[len("demo/"):]) if str(v).startswith("demo/") else v for v in value]
-    config.update(overrides)
-    with open(out_json, "w") as f:
-        json.dump(config, f, indent=2)
-    return config
-
-
 def run_demo(log, work, steps, timeout, images=(1000, 100, 100)):
     """make_demo_data.py with ``images`` (train, val, test), then the demo config trained with
     --fp16 for ``steps`` steps, then inf_itm.py on the test split: seconds and R@K."""
@@ -110,9 +95,10 @@ def run_demo(log, work, steps, timeout, images=(1000, 100, 100)):
     rc, _ = log.command([sys.executable, "scripts/make_demo_data.py", "--output", demo, *sizes], timeout)
     if rc:
         return {**out, "error": "make_demo_data.py failed (see the log)"}
+    from make_demo_data import write_train_config
     cfg = join(work, "train-itm-demo.json")
-    config = demo_config(demo, cfg, num_train_steps=steps, valid_steps=steps, warmup_steps=max(1, steps // 10),
-                         n_workers=2, pin_mem=True, inf_minibatch_size=min(100, *images[1:]))
+    config = write_train_config(demo, cfg, num_train_steps=steps, valid_steps=steps, warmup_steps=max(1, steps // 10),
+                                n_workers=2, pin_mem=True, inf_minibatch_size=min(100, *images[1:]))
     st = time.time()
     rc, output = log.command([sys.executable, "train_itm_hard_negatives.py", "--config", cfg, "--output_dir",
                               join(work, "output"), "--IAIS", "singular", "--fp16"], timeout)

@@ -1,12 +1,19 @@
 """Build a small synthetic retrieval data set in the release formats (txt_db + img_db).
 
-Every image holds three objects on a 3x3 grid plus background regions; region features
-are noisy object prototypes (2048-d, float16), boxes give the positions. Captions name two
-objects and their spatial relation ("a dog left of a ball"). Half of the images (by
-default, first in each split) come in twins: the same objects in other places, which only
-the relations tell apart, so matching needs the relations, not only the objects.
-annotations/isda_{split}.json holds each caption's phrase-to-box alignments (the nouns and
-their regions) for scripts/isd.py --annotations.
+Every image holds three objects (of ``--nouns`` kinds) on a 3x3 grid, plus up to
+``--background`` background regions; region features are noisy object prototypes (2048-d,
+float16), boxes give the positions. Captions name two objects and their spatial relation
+("a dog left of a ball"). A fraction of the images (``--twins``; by default all, first in
+each split) come in twins: the same objects in other places with every pairwise relation
+changed, so that every caption of one twin is false of the other and only the relations
+tell them apart.
+
+Besides the DBs: annotations/isda_{split}.json holds each caption's phrase-to-box
+alignments (for scripts/isd.py --annotations); annotations/groups_{split}.json the twin
+groups, Winoground-style ({"caption_0", "caption_1", "image_0", "image_1"}: caption k true
+of image k and false of the other), for evaluation and for training with the twins among
+the negatives (negative_groups); train-itm-demo.json the demo's training config with its
+paths under --output.
 
     python scripts/make_demo_data.py --output demo        # ~5 s on 2 cores
 """
@@ -21,7 +28,7 @@ import numpy as np
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import ImgDbWriter, write_txt_db  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, Range, make_parser  # noqa: E402
+from utils.config import Range, make_parser  # noqa: E402
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -53,10 +60,11 @@ def caption(noun_a, noun_b, rel):
 
 
 class World:
-    def __init__(self, seed):
+    def __init__(self, seed, n_nouns=len(NOUNS), background=13):
         self.rng = np.random.default_rng(seed)
         proto = lambda n: self.rng.standard_normal((n, FEAT_DIM)).astype(np.float32)
         self.noun_proto, self.background = proto(len(NOUNS)), proto(4)
+        self.n_nouns, self.max_background = n_nouns, background
 
     def box(self, centre, size):
         w, h = size
@@ -72,7 +80,8 @@ class World:
             feats.append(self.noun_proto[NOUNS.index(noun)] + 0.5 * rng.standard_normal(FEAT_DIM))
             centre = np.array(GRID[cell]) + rng.uniform(-0.04, 0.04, 2)
             boxes.append(self.box(centre, rng.uniform(0.15, 0.25, 2)))
-        for _ in range(rng.integers(7, 14)):
+        n_background = rng.integers((self.max_background + 1) // 2, self.max_background + 1) if self.max_background else 0
+        for _ in range(n_background):
             feats.append(0.2 * (self.background[rng.integers(4)] + rng.standard_normal(FEAT_DIM)))
             boxes.append(self.box(rng.uniform(0.1, 0.9, 2), rng.uniform(0.1, 0.6, 2)))
         n = len(feats)
@@ -84,11 +93,11 @@ class World:
         return arrays, [int(where[k]) for k in range(len(objects))]
 
     def images(self, twins):
-        """One image, or two (``twins``) with the same three objects in places that change at
-        least two pairwise relations, and their captions: each image keeps the five of its
-        six ordered-pair captions that hold least often for its twin."""
+        """One image, or two (``twins``) with the same three objects in places that change
+        every pairwise relation, and their captions: five of each image's six ordered-pair
+        captions (none of which holds for its twin)."""
         rng = self.rng
-        objects = [NOUNS[i] for i in rng.choice(len(NOUNS), 3, replace=False)]
+        objects = [NOUNS[i] for i in rng.choice(self.n_nouns, 3, replace=False)]
         layouts = [self._layout()]
         if twins:
             layouts.append(self._relayout(layouts[0]))
@@ -119,41 +128,72 @@ class World:
                 return cells
 
     def _relayout(self, cells):
-        """Other cells for the same objects such that at least two pairwise relations change."""
+        """Other cells for the same objects such that every pairwise relation changes (the
+        layout turned by 180 degrees always qualifies)."""
         while True:
             new = self._layout()
-            changed = sum(relation(cells[a], cells[b]) != relation(new[a], new[b])
-                          for a in range(3) for b in range(a + 1, 3))
-            if changed >= 2:
+            if all(relation(cells[a], cells[b]) != relation(new[a], new[b])
+                   for a in range(3) for b in range(a + 1, 3)):
                 return new
 
 
-def build(output, n_train, n_val, n_test, seed, twins=0.5, conf_th=0.2, max_bb=100, min_bb=10):
+def write_train_config(output, path=None, **overrides):
+    """config/train-itm-demo.json with its demo/ paths under ``output`` (written to ``path``,
+    by default output/train-itm-demo.json): the demo trains wherever its data is."""
+    root = dirname(dirname(abspath(__file__)))
+    with open(join(root, "config", "train-itm-demo.json")) as f:
+        config = json.load(f)
+
+    def moved(value):
+        if isinstance(value, list):
+            return [moved(v) for v in value]
+        if isinstance(value, str) and value.startswith("demo/"):
+            return join(output, value[len("demo/"):])
+        return value
+
+    config = {**{k: moved(v) for k, v in config.items()}, **overrides}
+    with open(path or join(output, "train-itm-demo.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return config
+
+
+def build(output, n_train, n_val, n_test, seed, twins=1.0, nouns=8, background=0, conf_th=0.2, max_bb=100,
+          min_bb=10):
     if exists(output) and os.listdir(output):
         raise SystemExit(f"make_demo_data.py: error: {output} is not empty; remove it or choose another --output")
-    world = World(seed)
+    world = World(seed, nouns, background)
     img_writer = ImgDbWriter(join(output, "img_db", "demo"), conf_th, max_bb, min_bb, compress=False)
     n_img = 0
     os.makedirs(join(output, "annotations"), exist_ok=True)
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        examples, annotations = {}, {}
+        examples, annotations, groups = {}, {}, []
         n_pairs = int(round(n * twins / 2))
         for twins_now in [True] * n_pairs + [False] * (n - 2 * n_pairs):
+            pair = []
             for arrays, caps, alignments in world.images(twins_now):
                 fname = f"demo_{n_img:012d}.npz"
-                img_writer.put(fname, arrays)
+                # without background an image has fewer regions than min_bb: keep them all
+                img_writer.put(fname, arrays, nbb=min(img_writer.box_count(arrays["conf"]), len(arrays["conf"])))
+                pair.append((fname, []))
                 for k, (words, align) in enumerate(zip(caps, alignments)):
                     txt_id = f"{split}_{fname[:-4]}_{k}"
                     examples[txt_id] = {"input_ids": [VOCAB[w] for w in words], "img_fname": fname,
                                         "raw": " ".join(words), "id": txt_id}
                     annotations[txt_id] = align
+                    pair[-1][1].append(txt_id)
                 n_img += 1
+            if twins_now:  # caption k of each twin, true of its image and false of the other
+                (img_0, caps_0), (img_1, caps_1) = pair
+                groups += [{"caption_0": c0, "caption_1": c1, "image_0": img_0, "image_1": img_1}
+                           for c0, c1 in zip(caps_0, caps_1)]
         write_txt_db(join(output, "txt_db", f"itm_demo_{split}.db"), examples, META)
-        with open(join(output, "annotations", f"isda_{split}.json"), "w") as f:
-            json.dump(annotations, f)
+        for name, content in (("isda", annotations), ("groups", groups)):
+            with open(join(output, "annotations", f"{name}_{split}.json"), "w") as f:
+                json.dump(content, f)
     img_writer.close()
     with open(join(output, "vocab.json"), "w") as f:
         json.dump(VOCAB, f, indent=0)
+    write_train_config(output)
     return n_img
 
 
@@ -161,18 +201,22 @@ def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
     a("--output", default="demo", help="output directory (txt_db/, img_db/demo/)")
-    a("--n_train", type=int, default=1000, valid=POSITIVE, help="training images")
-    a("--n_val", type=int, default=100, valid=POSITIVE, help="validation images")
-    a("--n_test", type=int, default=100, valid=POSITIVE, help="test images")
+    a("--n_train", type=int, default=1000, valid=Range(2), help="training images")
+    a("--n_val", type=int, default=100, valid=Range(2), help="validation images")
+    a("--n_test", type=int, default=100, valid=Range(2), help="test images")
     a("--seed", type=int, default=0, valid=Range(0, 2**32 - 1), help="random seed (same seed, same files)")
-    a("--twins", type=float, default=0.5, valid=Range(0, 1),
+    a("--twins", type=float, default=1.0, valid=Range(0, 1),
       help="fraction of the images that come in twin pairs (same objects, other places)")
+    a("--nouns", type=int, default=8, valid=Range(3, len(NOUNS)), help="kinds of objects")
+    a("--background", type=int, default=0, valid=Range(0, 90),
+      help="background regions per image: between half this and this many (0: none)")
     return p
 
 
 def main(args):
     st = time.time()
-    n = build(args.output, args.n_train, args.n_val, args.n_test, args.seed, args.twins)
+    n = build(args.output, args.n_train, args.n_val, args.n_test, args.seed, args.twins, args.nouns,
+              args.background)
     print(f"wrote {n} images and {5 * n} captions to {args.output} in {time.time() - st:.1f}s")
 
 

@@ -27,14 +27,13 @@ sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data import DataError  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, load_json, make_parser  # noqa: E402
+from utils.config import ConfigError, make_parser  # noqa: E402
 from utils.itm_eval import add_counting_arg  # noqa: E402
 from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,  # noqa: E402
                                      fold_metrics, gt_image_index, metrics_from_ranks, paired_comparison,
-                                     query_hits, query_ranks, winoground_scores)
+                                     group_indices, query_hits, query_ranks, winoground_scores)
 
 SCORE_FILE_KEYS = ("scores", "txt_ids", "img_ids", "txt2img")
-GROUP_KEYS = {"caption_0": "txt", "caption_1": "txt", "image_0": "img", "image_1": "img"}
 COMPARE_BOOTSTRAP = 1000
 
 
@@ -104,29 +103,6 @@ def aligned_to(path, other_path, txt_ids, img_ids, gt_img):
     return other if other_img == img_ids else other[:, columns]
 
 
-def group_indices(groups_path, txt_ids, img_ids):
-    """(caption rows, image columns) of the groups file: two LongTensors [n_groups, 2]."""
-    groups = load_json(groups_path, "groups file")
-    if not isinstance(groups, list) or not groups:
-        raise ConfigError(f"{groups_path}: expected a non-empty JSON list of "
-                          f"{{caption_0, caption_1, image_0, image_1}} objects")
-    position = {"txt": {t: i for i, t in enumerate(txt_ids)}, "img": {m: j for j, m in enumerate(img_ids)}}
-    index = {key: [] for key in GROUP_KEYS}
-    for n, group in enumerate(groups):
-        for key, kind in GROUP_KEYS.items():
-            if not isinstance(group, dict) or key not in group:
-                raise ConfigError(f"{groups_path}: group {n} lacks {key!r}; each group needs caption_0, "
-                                  f"caption_1 (text ids) and image_0, image_1 (image ids)")
-            if not isinstance(group[key], str) or group[key] not in position[kind]:
-                what = "a text" if kind == "txt" else "an image"
-                raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not {what} id of the "
-                                  f"score file; use the ids of the split it was evaluated on")
-            index[key].append(position[kind][group[key]])
-    captions = torch.tensor([index["caption_0"], index["caption_1"]]).t()
-    images = torch.tensor([index["image_0"], index["image_1"]]).t()
-    return captions, images
-
-
 def check_options(opts):
     if not opts.output:
         raise ConfigError("--output is required (the JSON file for the metrics)")
@@ -189,7 +165,8 @@ def format_report(opts, result):
     if "winoground" in result:
         w = result["winoground"]
         lines += ["", f"Winoground ({w['n']} groups): text {w['text'] * 100:.2f}  image {w['image'] * 100:.2f}  "
-                      f"group {w['group'] * 100:.2f}"]
+                      f"group {w['group'] * 100:.2f}  (chance 25, 25, 16.67); own image above the "
+                      f"other one: {w['own_vs_twin'] * 100:.2f} of the captions (chance 50)"]
     return "\n".join(lines)
 
 

@@ -161,7 +161,9 @@ def test_winoground_scores_by_hand():
     for g, block in enumerate(blocks):
         scores[2 * g:2 * g + 2, 2 * g:2 * g + 2] = torch.tensor(block)
     pairs = torch.arange(8).view(4, 2)
-    assert winoground_scores(scores, pairs, pairs) == {"text": 0.5, "image": 0.5, "group": 0.25, "n": 4}
+    # captions scoring their own image above the other one: 2 + 1 + 2 + 0 of 8
+    assert winoground_scores(scores, pairs, pairs) == {"text": 0.5, "image": 0.5, "group": 0.25,
+                                                       "own_vs_twin": 5 / 8, "n": 4}
 
 
 def test_topk_records_by_hand():
@@ -221,8 +223,9 @@ def test_script_writes_every_metric(tmp_path):
     assert out["ci95"]["img_r10"] == [1.0, 1.0] and out["ci95"]["img_r1"][0] < 0.5 < out["ci95"]["img_r1"][1]
     assert out["compare"]["img_r1"]["diff"] == pytest.approx(-1 / 6)
     assert out["compare"]["img_r5"] == {"diff": 0.0, "ci95": [0.0, 0.0], "p": 1.0}
-    # group 0: t0/I0 vs t2/I1 passes both; group 1: t5 prefers I1 (0.6) over its I2 (0.4)
-    assert out["winoground"] == {"text": 0.5, "image": 0.5, "group": 0.5, "n": 2}
+    # group 0: t0/I0 vs t2/I1 passes both; group 1: t5 prefers I1 (0.6) over its I2 (0.4),
+    # t3 its I2 (0.65) over its I1 (0.6): two of the four captions score their own image higher
+    assert out["winoground"] == {"text": 0.5, "image": 0.5, "group": 0.5, "own_vs_twin": 0.5, "n": 2}
     assert "image retrieval" in res.stdout and "Winoground (2 groups)" in res.stdout
     res = metrics_cli(tmp_path / "s.pt", "--original_counting", 1, "--output", tmp_path / "o.json")
     assert res.returncode == 0, res.stderr

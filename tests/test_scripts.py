@@ -97,9 +97,19 @@ def test_demo_data_is_deterministic_and_readable(tmp_path):
     a, b = _db_contents(tmp_path / "a"), _db_contents(tmp_path / "b")
     assert a == b
     texts, name2nbb, _ = a
-    assert len(texts) == 30 and len(name2nbb) == 30 and all(n >= 10 for n in name2nbb.values())
+    assert len(texts) == 30 and len(name2nbb) == 30 and set(name2nbb.values()) == {3}  # the objects alone
     res = run(args + ["--output", str(tmp_path / "a")])
     assert res.returncode != 0 and "not empty" in res.stderr
+    res = run(args + ["--output", str(tmp_path / "c"), "--background", "13"])
+    assert res.returncode == 0, res.stderr
+    assert all(10 <= n <= 16 for n in _db_contents(tmp_path / "c")[1].values())  # min_bb 10; 3 + 7..13 regions
+    config = json.loads((tmp_path / "c" / "train-itm-demo.json").read_text())
+    assert config["train_txt_dbs"] == [str(tmp_path / "c" / "txt_db" / "itm_demo_train.db")]
+    assert config["negative_groups"] == str(tmp_path / "c" / "annotations" / "groups_train.json")
+    assert config["model_config"] == "config/uniter-demo.json"
+    for flag, value in (("--nouns", "2"), ("--twins", "1.5"), ("--n_val", "1")):
+        res = run(args + ["--output", str(tmp_path / "d"), flag, value])
+        assert res.returncode == 2 and flag in res.stderr and res.stderr.count("\n") == 1
 
 
 def test_download_dry_run(tmp_path):
@@ -145,8 +155,8 @@ def test_launch_container_arguments(tmp_path):
 
 def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
     """Every demo caption is true of its image (the named objects' grid cells stand in the
-    named relation); twins hold the same objects, and most of each twin's captions are false of
-    the other one, so only the relation tells them apart."""
+    named relation); twins hold the same objects, and every caption of a twin is false of the
+    other one, so only the relation tells them apart; the groups file pairs them so."""
     root = tmp_path / "d"
     res = run(["scripts/make_demo_data.py", "--n_train", "2", "--n_val", "2", "--n_test", "12",
                "--output", str(root)])
@@ -175,7 +185,12 @@ def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
     for fname, caps in captions.items():
         assert all(holds(fname, words[2], a, b) for words, a, b in caps), fname
     images = sorted(captions)
-    for first, second in zip(images[0:6:2], images[1:6:2]):  # half of the images are twins
+    groups = json.loads((root / "annotations" / "groups_test.json").read_text())
+    assert len(groups) == 6 * 5  # five groups per twin pair
+    assert {(g["image_0"], g["image_1"]) for g in groups} == set(zip(images[0::2], images[1::2]))
+    for g in groups:
+        assert txt.txt2img[g["caption_0"]] == g["image_0"] and txt.txt2img[g["caption_1"]] == g["image_1"]
+    for first, second in zip(images[0::2], images[1::2]):  # every image is a twin
         nouns = lambda f: {w for words, _, _ in captions[f] for w in (words[1], words[-1])}
         assert nouns(first) == nouns(second)
         region = {f: {words[1]: a for words, a, _ in captions[f]} | {words[-1]: b for words, _, b in captions[f]}
@@ -183,7 +198,7 @@ def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
         for this, other in ((first, second), (second, first)):
             false_there = sum(not holds(other, words[2], region[other][words[1]], region[other][words[-1]])
                               for words, _, _ in captions[this])
-            assert false_there >= 4, (this, other)
+            assert false_there == 5, (this, other)
 
 
 def test_device_benchmark_runs_on_the_cpu(tmp_path):

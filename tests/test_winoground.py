@@ -91,6 +91,7 @@ def test_winoground_scores_from_the_whole_path(tmp_path):
 
     text = [s(e, 0, 0) > s(e, 1, 0) and s(e, 1, 1) > s(e, 0, 1) for e in EXAMPLES]
     image = [s(e, 0, 0) > s(e, 0, 1) and s(e, 1, 1) > s(e, 1, 0) for e in EXAMPLES]
+    own = [s(e, 0, 0) > s(e, 0, 1) for e in EXAMPLES] + [s(e, 1, 1) > s(e, 1, 0) for e in EXAMPLES]
     out = json.loads((tmp_path / "m.json").read_text())["winoground"]
     assert out == {"text": sum(text) / 2, "image": sum(image) / 2,
-                   "group": sum(t and i for t, i in zip(text, image)) / 2, "n": 2}
+                   "group": sum(t and i for t, i in zip(text, image)) / 2, "own_vs_twin": sum(own) / 4, "n": 2}

@@ -12,6 +12,8 @@ numbers include it.
 """
 import torch
 
+from .config import ConfigError, load_json
+
 KS = (1, 5, 10)
 SIDES = ("img", "txt")  # img: a text query finds its image; txt: an image query finds any of its texts
 RECALL_KEYS = tuple(f"{side}_r{k}" for side in SIDES for k in KS)
@@ -184,20 +186,58 @@ def paired_comparison(hits, other_hits, n_boot, seed):
     return result
 
 
-def winoground_scores(scores, caption_rows, image_columns):
-    """Text, image and group scores of Thrush et al. (CVPR 2022) over twin groups.
+GROUP_KEYS = {"caption_0": "txt", "caption_1": "txt", "image_0": "img", "image_1": "img"}
 
-    caption_rows, image_columns: LongTensor [n_groups, 2], rows of caption_0/caption_1 and
-    columns of image_0/image_1; caption k belongs with image k. A group passes the text score
-    when each image scores its own caption above the other caption, the image score when
-    each caption scores its own image above the other image (strictly: ties fail)."""
+
+def group_indices(groups_path, txt_ids, img_ids):
+    """(caption rows, image columns) of a Winoground-style groups file (a JSON list of
+    {caption_0, caption_1, image_0, image_1}) in a score matrix: two LongTensors [n_groups, 2]."""
+    groups = load_json(groups_path, "groups file")
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError(f"{groups_path}: expected a non-empty JSON list of "
+                          f"{{caption_0, caption_1, image_0, image_1}} objects")
+    position = {"txt": {t: i for i, t in enumerate(txt_ids)}, "img": {m: j for j, m in enumerate(img_ids)}}
+    index = {key: [] for key in GROUP_KEYS}
+    for n, group in enumerate(groups):
+        for key, kind in GROUP_KEYS.items():
+            if not isinstance(group, dict) or key not in group:
+                raise ConfigError(f"{groups_path}: group {n} lacks {key!r}; each group needs caption_0, "
+                                  f"caption_1 (text ids) and image_0, image_1 (image ids)")
+            if not isinstance(group[key], str) or group[key] not in position[kind]:
+                what = "a text" if kind == "txt" else "an image"
+                raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not {what} id of the "
+                                  f"score file; use the ids of the split it was evaluated on")
+            index[key].append(position[kind][group[key]])
+    captions = torch.tensor([index["caption_0"], index["caption_1"]]).t()
+    images = torch.tensor([index["image_0"], index["image_1"]]).t()
+    return captions, images
+
+
+def winoground_outcomes(scores, caption_rows, image_columns):
+    """Per twin group, as bool tensors [n_groups]: ``text`` (each image scores its own caption
+    above the other caption), ``image`` (each caption scores its own image above the other
+    image) and ``own_0``/``own_1`` (caption_0/caption_1 scores its own image above the other
+    one). caption_rows, image_columns: LongTensor [n_groups, 2], rows of caption_0/caption_1
+    and columns of image_0/image_1; caption k belongs with image k. Ties fail."""
     c0, c1 = caption_rows[:, 0], caption_rows[:, 1]
     i0, i1 = image_columns[:, 0], image_columns[:, 1]
     s00, s01, s10, s11 = scores[c0, i0], scores[c0, i1], scores[c1, i0], scores[c1, i1]
-    text = (s00 > s10) & (s11 > s01)
-    image = (s00 > s01) & (s11 > s10)
-    return {"text": float(text.double().mean()), "image": float(image.double().mean()),
-            "group": float((text & image).double().mean()), "n": len(c0)}
+    own_0, own_1 = s00 > s01, s11 > s10
+    return {"text": (s00 > s10) & (s11 > s01), "image": own_0 & own_1, "own_0": own_0, "own_1": own_1}
+
+
+def winoground_summary(outcomes):
+    """Text, image and group scores of Thrush et al. (CVPR 2022), and ``own_vs_twin``: the
+    share of captions that score their own image above the other one (chance 1/2)."""
+    text, image = outcomes["text"].double(), outcomes["image"].double()
+    own = torch.cat([outcomes["own_0"], outcomes["own_1"]]).double()
+    return {"text": float(text.mean()), "image": float(image.mean()), "group": float((text * image).mean()),
+            "own_vs_twin": float(own.mean()), "n": len(text)}
+
+
+def winoground_scores(scores, caption_rows, image_columns):
+    """winoground_summary() of the twin groups of a score matrix."""
+    return winoground_summary(winoground_outcomes(scores, caption_rows, image_columns))
 
 
 def topk_records(scores, txt_ids, img_ids, gt_img, k):
