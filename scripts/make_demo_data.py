@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import ImgDbWriter, write_txt_db  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import Range, make_parser  # noqa: E402
+from utils.config import POSITIVE, Range, make_parser  # noqa: E402
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -201,9 +201,9 @@ def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
     a("--output", default="demo", help="output directory (txt_db/, img_db/demo/)")
-    a("--n_train", type=int, default=1000, valid=Range(2), help="training images")
-    a("--n_val", type=int, default=100, valid=Range(2), help="validation images")
-    a("--n_test", type=int, default=100, valid=Range(2), help="test images")
+    a("--n_train", type=int, default=1000, valid=POSITIVE, help="training images")
+    a("--n_val", type=int, default=100, valid=POSITIVE, help="validation images")
+    a("--n_test", type=int, default=100, valid=POSITIVE, help="test images")
     a("--seed", type=int, default=0, valid=Range(0, 2**32 - 1), help="random seed (same seed, same files)")
     a("--twins", type=float, default=1.0, valid=Range(0, 1),
       help="fraction of the images that come in twin pairs (same objects, other places)")

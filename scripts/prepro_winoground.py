@@ -95,7 +95,7 @@ def main(opts):
     captions, groups = captions_and_groups(examples, tokenizer, opts.img_fname)
     os.makedirs(opts.output, exist_ok=True)
     db_dir = join(opts.output, DB_NAME)
-    write_txt_db(db_dir, captions, build_meta(tokenizer, opts.toker))
+    write_txt_db(db_dir, captions, build_meta(tokenizer, opts.toker, opts.vocab))
     with open(join(opts.output, GROUPS_NAME), "w", encoding="utf-8") as f:
         json.dump(groups, f, indent=1)
     print(f"{db_dir}: {len(captions)} captions of {len({c['img_fname'] for c in captions.values()})} images; "

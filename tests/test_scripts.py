@@ -107,7 +107,7 @@ def test_demo_data_is_deterministic_and_readable(tmp_path):
     assert config["train_txt_dbs"] == [str(tmp_path / "c" / "txt_db" / "itm_demo_train.db")]
     assert config["negative_groups"] == str(tmp_path / "c" / "annotations" / "groups_train.json")
     assert config["model_config"] == "config/uniter-demo.json"
-    for flag, value in (("--nouns", "2"), ("--twins", "1.5"), ("--n_val", "1")):
+    for flag, value in (("--nouns", "2"), ("--twins", "1.5"), ("--n_val", "0")):
         res = run(args + ["--output", str(tmp_path / "d"), flag, value])
         assert res.returncode == 2 and flag in res.stderr and res.stderr.count("\n") == 1
 
