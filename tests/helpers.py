@@ -67,3 +67,13 @@ def img_db_with_corrupt_value(dst, key):
         txn.put(key.encode(), b"\xc1\xc1broken")
     env.close()
     return str(dst)
+
+
+def copy_stopped_at(ref, out, later_steps):
+    """A copy of the training folder ``ref`` as if the run had stopped before ``later_steps``
+    (their checkpoints and training states removed): what --resume continues from."""
+    shutil.copytree(ref, out)
+    for step in later_steps:
+        for name in (f"model_step_{step}.pt", f"train_state_{step}.pt"):
+            os.remove(os.path.join(out, "ckpt", name))
+    return out

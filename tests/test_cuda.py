@@ -3,13 +3,12 @@ fused attention and evaluation on a GPU. Marked ``cuda``: skipped on a machine w
 one, run by ``make gpu-check`` (``pytest -m cuda``)."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 
 from conftest import IMG_DB, TINY_CONFIG, TXT_DB, load_fixture
-from helpers import run, tiny_train_config
+from helpers import copy_stopped_at, run, tiny_train_config
 
 pytestmark = pytest.mark.cuda
 CUDA = torch.device("cuda")
@@ -76,11 +75,7 @@ def test_fp16_training_resumes_with_its_loss_scale(tmp_path):
     state6 = torch.load(ref / "ckpt" / "train_state_6.pt", weights_only=True)["scaler"]
     assert state2["scale"] in [2.0 ** k for k in range(17)]
 
-    out = tmp_path / "resumed"
-    shutil.copytree(ref, out)
-    for step in (4, 6):
-        for name in (f"model_step_{step}.pt", f"train_state_{step}.pt"):
-            os.remove(out / "ckpt" / name)
+    out = copy_stopped_at(ref, tmp_path / "resumed", (4, 6))
     res = run(args + ["--output_dir", str(out), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr

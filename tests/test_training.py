@@ -2,7 +2,6 @@
 two processes under both launchers, configuration errors."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -12,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import PY, ROOT, horovod_available, run, tiny_train_config
+from helpers import PY, ROOT, copy_stopped_at, horovod_available, run, tiny_train_config
 
 
 def scalars(out, tag):
@@ -220,11 +219,7 @@ def test_resume_with_loss_scaling_is_bit_identical(tmp_path):
     assert "gradients overflowed at loss scale 65536" in res.stderr
     assert torch.load(ref / "ckpt" / "train_state_2.pt", weights_only=True)["scaler"]["scale"] < 2.0 ** 16
 
-    out = tmp_path / "resumed"
-    shutil.copytree(ref, out)
-    for step in (4, 6):
-        for name in (f"model_step_{step}.pt", f"train_state_{step}.pt"):
-            os.remove(out / "ckpt" / name)
+    out = copy_stopped_at(ref, tmp_path / "resumed", (4, 6))
     res = run(args + ["--output_dir", str(out), "--resume"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stderr and "overflowed" not in res.stderr
