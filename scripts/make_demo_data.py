@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data.db import ImgDbWriter, write_txt_db  # noqa: E402
 from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, Range, make_parser  # noqa: E402
+from utils.config import POSITIVE, ConfigError, Range, make_parser  # noqa: E402
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -160,7 +160,7 @@ def write_train_config(output, path=None, **overrides):
 def build(output, n_train, n_val, n_test, seed, twins=1.0, nouns=8, background=0, conf_th=0.2, max_bb=100,
           min_bb=10):
     if exists(output) and os.listdir(output):
-        raise SystemExit(f"make_demo_data.py: error: {output} is not empty; remove it or choose another --output")
+        raise ConfigError(f"{output} is not empty; remove it or choose another --output")
     world = World(seed, nouns, background)
     img_writer = ImgDbWriter(join(output, "img_db", "demo"), conf_th, max_bb, min_bb, compress=False)
     n_img = 0
