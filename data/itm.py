@@ -68,7 +68,8 @@ def sample_negative(sample_pool, ground_truths, num_sample):
 
 def negatives_with(forced, sample_pool, ground_truths, num_sample):
     """``num_sample`` negatives: ``forced`` first (a seeded sample of them when there are more),
-    then draws from the pool without any ground truth or forced one."""
+    then draws from the pool without any ground truth or forced one; with nothing forced,
+    exactly the draws of ``sample_negative`` (the original's)."""
     if len(forced) >= num_sample:
         return getattr(_draws, "rng", random).sample(forced, num_sample)
     return forced + sample_negative(sample_pool, ground_truths + forced, num_sample - len(forced))
@@ -184,12 +185,8 @@ class ItmRankDatasetHardNegFromText(_HardNegDataset):
         input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"]).unsqueeze(0)
         tl = input_ids.size(1)
         position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
-        forced = self.image_groups.get(gt_img)
-        if forced:
-            negatives = negatives_with(forced, self.img_name_list, [gt_img], self.neg_sample_size)
-        else:
-            negatives = sample_negative(self.img_name_list, [gt_img], self.neg_sample_size)
-        img_ids = [gt_img] + negatives
+        forced = self.image_groups.get(gt_img, [])
+        img_ids = [gt_img] + negatives_with(forced, self.img_name_list, [gt_img], self.neg_sample_size)
         img_feat, img_pos_feat, num_bbs = self._get_img_feats(img_ids)
         txt_lens = [tl] * len(img_ids)
         if self.IAIS:
@@ -220,11 +217,7 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
         gt_img = self.txt2img[txt_id]
         feat, pos, nbb = self._get_img_feat(gt_img)
         forced = [t for img in self.image_groups.get(gt_img, ()) for t in self.img2txts[img]]
-        if forced:
-            negatives = negatives_with(forced, self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
-        else:
-            negatives = sample_negative(self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
-        txt_ids = [txt_id] + negatives
+        txt_ids = [txt_id] + negatives_with(forced, self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
         texts = [self.txt_db.combine_inputs(self.txt_db[t]["input_ids"]) for t in txt_ids]
         txt_lens = [len(t) for t in texts]
         input_ids = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True, padding_value=0)
