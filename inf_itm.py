@@ -24,7 +24,7 @@ from utils.checkpoint import atomic_save
 from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
 from utils.config import NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, make_parser, take_settings
-from utils.itm_eval import add_counting_arg, format_recall_table, gather_scores, itm_eval
+from engine.evaluation import add_counting_arg, format_recall_table, gather_scores, itm_eval
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
 from utils.retrieval_metrics import counting_name, gt_image_index, topk_records
@@ -106,7 +106,7 @@ def main(opts):
     loader = PrefetchLoader(make_loader(dataset, itm_eval_collate, opts.n_workers, opts.pin_mem, opts.worker_type),
                             device)
     with autocast(device, amp_dtype):
-        scores, txt_ids, img_ids = gather_scores(model, loader, opts.IAIS)
+        scores, txt_ids, img_ids = gather_scores(model, loader)
     check_scores_finite(scores, txt_ids, img_ids, opts.allow_nonfinite_scores)
     if dist.is_main_process():
         write_results(opts, scores, txt_ids, img_ids, txt_db.txt2img)

@@ -9,34 +9,29 @@ captions of other images, with the visual IAIS variant) and a text-side hard bat
 caption, its image and the hardest other images, with the linguistic variant); gradients
 are accumulated over ``train_batch_size`` micro-steps and averaged over processes.
 """
-import json
-import os
-from os.path import exists, join
-from time import time
+from functools import partial
 
-import torch
-from torch.nn.utils import clip_grad_norm_
 from torch.utils.data import ConcatDataset
-from tqdm import tqdm
 
 from data import (DataError, WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHardNegFromImage,
                   ItmRankDatasetHardNegFromText, ItmValDataset, PrefetchLoader, ResumableStream,
-                  TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
+                  TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, make_loader)
 from data.groups import read_image_groups
+from engine.checkpointing import TrainingState, resume
+from engine.evaluation import add_counting_arg, evaluate, format_recall_table, validation_scalars
+from engine.output_dir import claim, decide_on_every_rank, lay_out, should_resume, write_test_results
+from engine.train_step import TrainStep
+from engine.training import train
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
-from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
-                              save_training_state)
 from utils.checks import check_split, load_model
-from utils.cli import TrainingError, run
-from utils.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, load_json,
-                          make_parser)
-from utils.itm_eval import add_counting_arg, evaluate, format_recall_table, validate
-from utils.retrieval_metrics import counting_name
-from utils.logger import LOGGER, RunningMeter, TensorBoardLogger, add_log_to_file, setup_logging
-from utils.misc import LOCK_NAME, lock_dir, rng_state, set_dropout, set_random_seed
-from utils.optim import build_optimizer, get_lr_sched, tsa_weight
+from utils.cli import run
+from utils.config import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, make_parser
+from utils.logger import LOGGER, TensorBoardLogger, setup_logging
+from utils.misc import set_dropout, set_random_seed
+from utils.optim import build_optimizer, get_lr_sched
 from utils.precision import autocast, make_scaler, resolve_amp
+from utils.retrieval_metrics import counting_name
 
 CONFIG_ONLY_KEYS = {"train_txt_dbs": "paths", "train_img_dbs": "paths", "val_txt_db": "path", "val_img_db": "path",
                     "test_txt_db": "path", "test_img_db": "path", "model_config": "path"}
@@ -121,58 +116,6 @@ def check_options(opts):
         raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
 
 
-_RUN_FOLDERS = {"log", "ckpt", "results_test", LOCK_NAME}
-
-
-def _started_without_checkpoint(output_dir):
-    """Whether ``output_dir`` holds only what a run leaves before its first checkpoint."""
-    entries = set(os.listdir(output_dir))
-    ckpt, results = join(output_dir, "ckpt"), join(output_dir, "results_test")
-    return (entries <= _RUN_FOLDERS and latest_training_state(ckpt) is None
-            and not (os.path.isdir(results) and os.listdir(results)))
-
-
-def prepare_output_dir(opts):
-    """Whether to resume. A non-empty output_dir is refused unless resuming (nothing of a
-    previous run is touched); one left by a run stopped before its first checkpoint starts
-    afresh, with or without --resume."""
-    if exists(opts.output_dir) and not os.path.isdir(opts.output_dir):
-        raise ConfigError(f"output_dir {opts.output_dir} exists and is not a directory")
-    if opts.resume and latest_training_state(join(opts.output_dir, "ckpt")) is not None:
-        return True
-    if not exists(opts.output_dir) or _started_without_checkpoint(opts.output_dir):
-        if opts.resume:
-            LOGGER.warning("--resume: %s holds no training state yet (the run stopped before its first "
-                           "checkpoint); starting from step 0", opts.output_dir)
-        return False
-    if opts.resume:
-        raise ConfigError(f"--resume: no training state in {opts.output_dir}/ckpt to resume from")
-    raise ConfigError(f"output_dir {opts.output_dir} is not empty; choose a new one or pass --resume")
-
-
-def claim_output_dir(opts):
-    """Create and lock output_dir for this run's life, then decide again (another run may
-    have written there since the first look)."""
-    os.makedirs(opts.output_dir, exist_ok=True)
-    lock_dir(opts.output_dir)
-    return prepare_output_dir(opts)
-
-
-def decide_on_every_rank(decide):
-    """Rank 0 runs ``decide()``; every rank gets its result, or raises the same error, so
-    that a user's mistake stops all ranks with one line instead of leaving them waiting."""
-    outcome = None
-    if dist.is_main_process():
-        try:
-            outcome = ("ok", decide())
-        except (ConfigError, OSError) as e:
-            outcome = ("error", str(e))
-    kind, value = dist.all_gather_object(outcome)[0]
-    if kind == "error":
-        raise ConfigError(value)
-    return value
-
-
 def build_model(opts, device):
     model, _ = load_model(UniterForImageTextRetrievalHardNeg, opts.model_config, opts.checkpoint,
                           opts.allow_random_init, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size)
@@ -203,26 +146,40 @@ def build_datasets(opts):
                                    opts.inf_minibatch_size)}
 
 
-def eval_loader(dataset, collate_fn, opts, device):
-    return PrefetchLoader(make_loader(dataset, collate_fn, opts.n_workers, opts.pin_mem, opts.worker_type), device)
+def check_splits(dsets, model_config):
+    for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
+        check_split(dset.txt_db, dset.img_db, model_config, IMG_DIM)
 
 
-def hard_batch_loss(model, batch, sample_from, variant, tsa, opts):
-    """Loss of one hard batch: rank_loss / train_batch_size (+ IAIS loss * TSA weight)."""
-    out = model(batch, sample_from=sample_from, compute_loss=True, IAIS=variant)
-    if not variant:
-        return out.mean() / opts.train_batch_size, {}
-    rank_loss, losses = out
-    rank_loss = rank_loss.mean() / opts.train_batch_size
-    return rank_loss + losses["self_attn_loss"] * tsa, {"rank_loss": rank_loss, **losses}
+def training_streams(dsets, seed, loading, device):
+    """{side: endless stream of hard-negative batches}; each rank and side shuffles and
+    draws negatives from its own seed."""
+    stream_seed = 2 * (seed * 1000 + dist.get_rank())
+    n_workers, pin_mem, worker_type = loading
+    return {side: ResumableStream(dsets[side], itm_rank_hn_collate, stream_seed + k, n_workers, pin_mem, device,
+                                  worker_type)
+            for k, side in enumerate(("text", "image"))}
+
+
+def eval_loader(dataset, loading, device):
+    n_workers, pin_mem, worker_type = loading
+    return PrefetchLoader(make_loader(dataset, itm_eval_collate, n_workers, pin_mem, worker_type), device)
+
+
+def build_train_step(opts, state, device, amp_dtype):
+    lr_at = partial(get_lr_sched, learning_rate=opts.learning_rate, warmup_steps=opts.warmup_steps,
+                    num_train_steps=opts.num_train_steps)
+    return TrainStep(state.model, state.optimizer, state.scaler, micro_steps=opts.train_batch_size,
+                     iais_alignment=opts.IAIS, num_train_steps=opts.num_train_steps, lr_at=lr_at,
+                     grad_norm=opts.grad_norm, max_skipped_steps=opts.max_skipped_steps, device=device,
+                     amp_dtype=amp_dtype)
 
 
 def main(opts):
     check_options(opts)
     device = dist.init(opts.collective_timeout)
-    is_main = dist.is_main_process()
-    setup_logging(is_main)
-    opts.resume = decide_on_every_rank(lambda: prepare_output_dir(opts))
+    setup_logging(dist.is_main_process())
+    opts.resume = decide_on_every_rank(lambda: should_resume(opts.output_dir, opts.resume))
     amp_dtype, use_scaler = resolve_amp(opts.fp16, opts.amp_dtype, device)
     LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s%s", device, dist.get_world_size(),
                 dist.backend_name(), amp_dtype or "off", " with loss scaling" if use_scaler else "")
@@ -231,154 +188,48 @@ def main(opts):
     # data and weights are checked before anything is written to output_dir
     dsets = build_datasets(opts)
     model = build_model(opts, device)
-    for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
-        check_split(dset.txt_db, dset.img_db, model.config, IMG_DIM)
-    opts.resume = decide_on_every_rank(lambda: claim_output_dir(opts))
+    check_splits(dsets, model.config)
+    opts.resume = decide_on_every_rank(lambda: claim(opts.output_dir, opts.resume))
+    folders = lay_out(opts.output_dir, opts.resume, vars(opts), opts.model_config)
+    tb = TensorBoardLogger(folders.log if dist.is_main_process() else None)
 
-    ckpt_dir, log_dir = join(opts.output_dir, "ckpt"), join(opts.output_dir, "log")
-    if is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        os.makedirs(log_dir, exist_ok=True)
-        os.makedirs(join(opts.output_dir, "results_test"), exist_ok=True)
-        add_log_to_file(join(log_dir, "log.txt"))
-        if not opts.resume:
-            with open(join(log_dir, "hps.json"), "w") as f:
-                json.dump(vars(opts), f, indent=4)
-            with open(join(log_dir, "model.json"), "w") as f:
-                json.dump(load_json(opts.model_config, "model config"), f, indent=4)
-    tb = TensorBoardLogger(log_dir if is_main else None)
     dist.broadcast_parameters(model)
-    optimizer = build_optimizer(model, opts)
-    scaler = make_scaler(device, use_scaler)
-    # each rank and side shuffles and draws negatives from its own seed
-    stream_seed = 2 * (opts.seed * 1000 + dist.get_rank())
-    streams = {side: ResumableStream(dsets[side], itm_rank_hn_collate, stream_seed + k,
-                                     opts.n_workers, opts.pin_mem, device, opts.worker_type)
-               for k, side in enumerate(("text", "image"))}
-    val_loader = eval_loader(dsets["val"], itm_val_collate, opts, device)
-    full_val_loader = eval_loader(dsets["val_full"], itm_eval_collate, opts, device)
-    test_loader = eval_loader(dsets["test"], itm_eval_collate, opts, device)
-
-    global_step = 0
-    if opts.resume:
-        _, model_path, state_path = latest_training_state(ckpt_dir)
-        model.load_state_dict(load_model_state(model_path))
-        global_step = restore_training_state(state_path, optimizer, scaler, streams, dist.get_rank())
-        LOGGER.info("resumed from %s at step %d", state_path, global_step)
-
-    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, opts.optim, opts.learning_rate, opts.betas, opts.weight_decay)
+    loading = (opts.n_workers, opts.pin_mem, opts.worker_type)
+    state = TrainingState(model, optimizer, make_scaler(device, use_scaler),
+                          training_streams(dsets, opts.seed, loading, device))
+    val_loader = eval_loader(dsets["val_full" if opts.full_val else "val"], loading, device)
+    test_loader = eval_loader(dsets["test"], loading, device)
+    start_step = resume(state, folders.ckpt) if opts.resume else 0
     LOGGER.info("data loader: %s", f"{opts.n_workers} worker {opts.worker_type}(s) per stream"
                 if opts.n_workers > 0 else "batches built in the training loop")
-    LOGGER.info("training %d parameters on %d positives per side, %d steps, IAIS: %s", n_params,
-                sum(dist.all_gather_object(len(dsets["text"]))), opts.num_train_steps, opts.IAIS or "off")
+    LOGGER.info("training %d parameters on %d positives per side, %d steps, IAIS: %s",
+                sum(p.numel() for p in model.parameters()), sum(dist.all_gather_object(len(dsets["text"]))),
+                opts.num_train_steps, opts.IAIS or "off")
 
-    def checkpoint(tag):
-        # every rank must hold the same weights; a divergence is a bug worth stopping for
-        digest = float(sum(p.detach().double().sum() for p in model.parameters()))
-        digests = dist.all_gather_object(digest)
-        if len(set(digests)) != 1:
-            raise TrainingError(f"step {global_step}: parameters differ across ranks ({digests})")
-        LOGGER.info("step %d: parameters identical on %d rank(s)", global_step, len(digests))
-        if is_main:
-            save_model(model, ckpt_dir, tag)
-        rngs = dist.all_gather_object(rng_state())
-        if is_main and isinstance(tag, int):
-            save_training_state(ckpt_dir, tag, {
-                "global_step": global_step, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs,
-                "streams": {side: s.state_dict() for side, s in streams.items()}})
-        dist.barrier()
+    train_step = build_train_step(opts, state, device, amp_dtype)
 
-    running = {k: RunningMeter(k) for k in ("loss", "rank_loss", "self_attn_loss")}
-    pbar = tqdm(total=opts.num_train_steps, initial=global_step, disable=not is_main, desc="train")
-    n_examples, skipped, start = 0, 0, time()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
-    while global_step < opts.num_train_steps:
-        tsa = tsa_weight(global_step, opts.num_train_steps).to(device)
-        step_loss = 0.0
-        for _ in range(opts.train_batch_size):
-            for side, sample_from, modality in (("image", "i", "V"), ("text", "t", "L")):
-                batch = next(streams[side])
-                n_examples += batch["attn_masks"].size(0)
-                variant = f"{modality}-{opts.IAIS}" if opts.IAIS else False
-                with autocast(device, amp_dtype):
-                    loss, parts = hard_batch_loss(model, batch, sample_from, variant, tsa, opts)
-                scaler.scale(loss).backward()
-                step_loss += loss.item()
-                running["loss"](loss.item())
-                for k in ("rank_loss", "self_attn_loss"):
-                    if k in parts:
-                        running[k](parts[k].item())
-        global_step += 1
-        grads = [p.grad for p in params if p.grad is not None]
-        dist.all_reduce_mean(grads)
-        lr = get_lr_sched(global_step, opts)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(optimizer)
-        if opts.grad_norm != -1:
-            grad_norm = clip_grad_norm_(params, opts.grad_norm)
-        else:
-            grad_norm = torch.norm(torch.stack([g.norm() for g in grads]))
-        finite = bool(torch.isfinite(grad_norm))
-        loss_scale = scaler.get_scale() if use_scaler and not finite else None  # a device sync: only when reported
-        if use_scaler:
-            scaler.step(optimizer)  # skips the update itself when gradients overflowed
-            scaler.update()
-        elif finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        skipped = 0 if finite else skipped + 1
-        if not finite:
-            if use_scaler:
-                # dynamic loss scaling starts high on purpose: a few overflows early on are normal
-                LOGGER.warning("step %d: gradients overflowed at loss scale %g, update skipped, loss scale "
-                               "now %g (%d in a row)", global_step, loss_scale, scaler.get_scale(), skipped)
-            else:
-                LOGGER.warning("step %d: non-finite gradients, update skipped (%d in a row)", global_step, skipped)
-            tb.add_scalar("skipped_steps", skipped, global_step)
-            if skipped >= opts.max_skipped_steps:
-                raise TrainingError(f"{skipped} consecutive steps had non-finite gradients; "
-                                    f"lower --learning_rate or check the data (last good checkpoint is kept)")
+    def validation():
+        with autocast(device, amp_dtype):
+            return validation_scalars(model, val_loader, opts.full_val, opts.original_counting)
 
-        elapsed = time() - start
-        ex_per_s = n_examples * dist.get_world_size() / max(elapsed, 1e-9)
-        tb.add_scalar("lr", lr, global_step)
-        tb.add_scalar("loss_step", step_loss, global_step)
-        tb.add_scalar("grad_norm", grad_norm, global_step)
-        tb.add_scalar("perf/ex_per_s", ex_per_s, global_step)
-        for k, meter in running.items():
-            if meter._val is not None:
-                tb.add_scalar(k, meter.val, global_step)
-        pbar.update(1)
-        pbar.set_postfix(loss=f"{running['loss'].val:.4f}", ex_s=f"{ex_per_s:.0f}")
-
-        if global_step % opts.valid_steps == 0 or global_step == opts.num_train_steps:
-            with autocast(device, amp_dtype):
-                if opts.full_val:
-                    val_log = evaluate(model, full_val_loader, original_counting=opts.original_counting)
-                    tb.log_scalar_dict(val_log, global_step, "valid/")
-                    LOGGER.info("step %d validation:\n%s", global_step,
-                                format_recall_table(val_log, opts.original_counting))
-                else:
-                    tb.log_scalar_dict(validate(model, val_loader), global_step)
-            checkpoint(global_step)
-    pbar.close()
-
+    last_step = train(train_step, state, folders.ckpt, start_step=start_step, num_train_steps=opts.num_train_steps,
+                      valid_steps=opts.valid_steps, validate=validation, tb=tb)
     with autocast(device, amp_dtype):
         test_log = evaluate(model, test_loader, original_counting=opts.original_counting)
-    tb.log_scalar_dict(test_log, global_step, "eval/test_")
-    if is_main:
-        with open(join(opts.output_dir, "results_test", f"results_{global_step}.json"), "w") as f:
-            json.dump({**test_log, "counting": counting_name(opts.original_counting)}, f, indent=2)
-        table = format_recall_table(test_log, opts.original_counting)
-        LOGGER.info("test split after %d steps:\n%s", global_step, table)
-        print(table)
+    report_test(test_log, last_step, folders, tb, opts.original_counting)
     tb.close()
     dist.shutdown()
     return test_log
+
+
+def report_test(test_log, step, folders, tb, original_counting):
+    tb.log_scalar_dict(test_log, step, "eval/test_")
+    if dist.is_main_process():
+        write_test_results(folders, step, test_log, counting_name(original_counting))
+        table = format_recall_table(test_log, original_counting)
+        LOGGER.info("test split after %d steps:\n%s", step, table)
+        print(table)
 
 
 if __name__ == "__main__":

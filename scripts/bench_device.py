@@ -12,7 +12,7 @@ from data import (ItmEvalDataset, ItmRankDatasetHardNegFromText, PrefetchLoader,
                   itm_eval_collate, itm_rank_hn_collate, make_loader)
 from model import UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
 from timing import rate
-from utils.itm_eval import inference
+from engine.evaluation import inference
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, by a part of the device name (first match)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),

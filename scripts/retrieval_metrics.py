@@ -28,7 +28,7 @@ from data import DataError  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import ConfigError, make_parser  # noqa: E402
-from utils.itm_eval import add_counting_arg  # noqa: E402
+from engine.evaluation import add_counting_arg  # noqa: E402
 from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,  # noqa: E402
                                      fold_metrics, gt_image_index, metrics_from_ranks, paired_comparison,
                                      group_indices, query_hits, query_ranks, winoground_scores)

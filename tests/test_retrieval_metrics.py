@@ -281,7 +281,7 @@ def test_script_bad_inputs_are_one_line(tmp_path):
 
 def test_quick_validation_counts_ranks_the_same_way():
     """validate(): each batch holds one text's true image first, then its candidates."""
-    from utils.itm_eval import validate
+    from engine.evaluation import validate
 
     class FixedScores(torch.nn.Module):
         def forward(self, batch, compute_loss=False):

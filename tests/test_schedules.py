@@ -1,7 +1,6 @@
 """Learning-rate and IAIS-weight schedules against the original's values."""
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 
@@ -14,9 +13,8 @@ with open(os.path.join(FIXTURES, "ref_sched.json")) as f:
 
 @pytest.mark.parametrize("step", sorted(REF, key=int))
 def test_lr_and_tsa_match_the_original(step):
-    opts = SimpleNamespace(learning_rate=5e-5, warmup_steps=500, num_train_steps=5000)
     lr, tsa = REF[step]
-    assert get_lr_sched(int(step), opts) == lr
+    assert get_lr_sched(int(step), learning_rate=5e-5, warmup_steps=500, num_train_steps=5000) == lr
     # float32 exp: libm implementations may differ in the last unit (~6e-8 relative)
     assert tsa_weight(int(step), 5000).item() == pytest.approx(tsa, rel=2e-7)
 

@@ -57,15 +57,13 @@ def test_tiny_run_end_to_end(tmp_path, iais):
 def test_recipe_optimises_the_ranking_loss():
     """The training recipe's pieces (AdamW with decay groups, clipping, hard negatives,
     IAIS) drive the loss of fixed batches down."""
-    from types import SimpleNamespace
     from conftest import load_fixture
     from model import UniterForImageTextRetrievalHardNeg
     from utils.optim import build_optimizer
     cases = load_fixture("ref_hardneg.pt")[:8]
     model = UniterForImageTextRetrievalHardNeg.from_pretrained(
         TINY_CONFIG, load_fixture("ref_model.pt"), img_dim=2048, hard_size=3).train()
-    opt = build_optimizer(model, SimpleNamespace(weight_decay=0.01, optim="adamw", learning_rate=1e-3,
-                                                 betas=[0.9, 0.98]))
+    opt = build_optimizer(model, "adamw", learning_rate=1e-3, betas=[0.9, 0.98], weight_decay=0.01)
     history = []
     for _ in range(30):
         total = 0.0

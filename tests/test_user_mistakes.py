@@ -509,7 +509,7 @@ def test_output_dir_in_use_is_refused_then_taken_over(tmp_path, monkeypatch, cap
     """A run holding output_dir's lock refuses a second one; once it is gone (a crash
     leaves the lock file behind, not the lock), the folder is accepted."""
     import subprocess
-    from train_itm_hard_negatives import claim_output_dir
+    from engine.output_dir import claim
     out = tmp_path / "o"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / ".lock")], stdout=subprocess.PIPE, text=True)
@@ -522,8 +522,7 @@ def test_output_dir_in_use_is_refused_then_taken_over(tmp_path, monkeypatch, cap
         holder.kill()
         holder.wait()
     assert (out / ".lock").exists()
-    opts = type("Opts", (), {"output_dir": str(out), "resume": False})()
-    assert claim_output_dir(opts) is False
+    assert claim(str(out), resume=False) is False
     assert f"pid {os.getpid()}" in (out / ".lock").read_text()
 
 
@@ -537,10 +536,10 @@ def _unfinished_run(out):
 
 @pytest.mark.parametrize("resume", [False, True])
 def test_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, caplog, resume):
-    from train_itm_hard_negatives import prepare_output_dir
+    from engine.output_dir import should_resume
     out = tmp_path / "o"
     _unfinished_run(out)
-    assert prepare_output_dir(type("Opts", (), {"output_dir": str(out), "resume": resume})()) is False
+    assert should_resume(str(out), resume) is False
     assert resume == any("starting from step 0" in r.getMessage() for r in caplog.records)
 
 
@@ -550,7 +549,7 @@ def test_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, caplog,
     ("notes.txt", True, "--resume: no training state"),
     ("ckpt/model_step_2.pt", False, "is not empty")])
 def test_output_dir_with_results_is_kept(tmp_path, extra, resume, needle):
-    from train_itm_hard_negatives import prepare_output_dir
+    from engine.output_dir import should_resume
     from utils.config import ConfigError
     out = tmp_path / "o"
     _unfinished_run(out)
@@ -558,7 +557,7 @@ def test_output_dir_with_results_is_kept(tmp_path, extra, resume, needle):
     if extra.startswith("ckpt/"):
         (out / "ckpt" / "train_state_2.pt").write_text("keep me")
     with pytest.raises(ConfigError, match=needle):
-        prepare_output_dir(type("Opts", (), {"output_dir": str(out), "resume": resume})())
+        should_resume(str(out), resume)
     assert (out / extra).read_text() == "keep me"
 
 

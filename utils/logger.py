@@ -53,5 +53,10 @@ class RunningMeter:
             self._val = val
 
     @property
+    def seen(self):
+        """Whether any finite value came in."""
+        return self._val is not None
+
+    @property
     def val(self):
         return 0.0 if self._val is None else self._val

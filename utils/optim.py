@@ -44,18 +44,18 @@ class AdamW(Optimizer):
         return loss
 
 
-def build_optimizer(model, opts):
-    """opts.optim in adam|adamax|adamw; no weight decay on biases and LayerNorm."""
+def build_optimizer(model, name, learning_rate, betas, weight_decay):
+    """``name`` in adam|adamax|adamw; no weight decay on biases and LayerNorm."""
     named = list(model.named_parameters())
     groups = [
         {"params": [p for n, p in named if not any(nd in n for nd in NO_DECAY)],
-         "weight_decay": opts.weight_decay},
+         "weight_decay": weight_decay},
         {"params": [p for n, p in named if any(nd in n for nd in NO_DECAY)], "weight_decay": 0.0},
     ]
     classes = {"adam": Adam, "adamax": Adamax, "adamw": AdamW}
-    if opts.optim not in classes:
-        raise ValueError(f"optim must be one of {sorted(classes)}, got {opts.optim!r}")
-    return classes[opts.optim](groups, lr=opts.learning_rate, betas=tuple(opts.betas))
+    if name not in classes:
+        raise ValueError(f"optim must be one of {sorted(classes)}, got {name!r}")
+    return classes[name](groups, lr=learning_rate, betas=tuple(betas))
 
 
 def warmup_linear(step, warmup_step, tot_step):
@@ -67,8 +67,9 @@ def warmup_linear(step, warmup_step, tot_step):
     return max(0, (tot_step - step) / (tot_step - warmup_step))
 
 
-def get_lr_sched(global_step, opts):
-    lr = opts.learning_rate * warmup_linear(global_step, opts.warmup_steps, opts.num_train_steps)
+def get_lr_sched(global_step, learning_rate, warmup_steps, num_train_steps):
+    """Learning rate of step ``global_step`` (1-based); never exactly 0, as in the original."""
+    lr = learning_rate * warmup_linear(global_step, warmup_steps, num_train_steps)
     return lr if lr > 0 else 1e-8
 
 

@@ -1,0 +1,56 @@
+"""What a training run saves at each validation, and how a resumed run picks up again.
+
+ckpt/model_step_{N}.pt holds the weights in the original's format (utils/checkpoint.py);
+ckpt/train_state_{N}.pt, written after it, holds everything else a resumed run needs to
+continue bit-identically: optimizer, loss scaler, data streams and every rank's RNGs.
+"""
+from dataclasses import dataclass
+
+from utils import distributed as dist
+from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
+                              save_training_state)
+from utils.cli import TrainingError
+from utils.logger import LOGGER
+from utils.misc import rng_state
+
+
+@dataclass
+class TrainingState:
+    """The objects whose state a checkpoint holds."""
+    model: object
+    optimizer: object
+    scaler: object
+    streams: dict  # {name: data.ResumableStream}
+
+
+def check_replicas_agree(model, step):
+    """Every rank must hold the same weights; a divergence is a bug worth stopping for."""
+    digest = float(sum(p.detach().double().sum() for p in model.parameters()))
+    digests = dist.all_gather_object(digest)
+    if len(set(digests)) != 1:
+        raise TrainingError(f"step {step}: parameters differ across ranks ({digests})")
+    LOGGER.info("step %d: parameters identical on %d rank(s)", step, len(digests))
+
+
+def save_checkpoint(state, ckpt_dir, step):
+    """model_step_{step}.pt, then train_state_{step}.pt (rank 0 writes; every rank calls)."""
+    check_replicas_agree(state.model, step)
+    is_main = dist.is_main_process()
+    if is_main:
+        save_model(state.model, ckpt_dir, step)
+    rngs = dist.all_gather_object(rng_state())
+    if is_main:
+        save_training_state(ckpt_dir, step, {
+            "global_step": step, "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), "rng": rngs,
+            "streams": {side: s.state_dict() for side, s in state.streams.items()}})
+    dist.barrier()
+
+
+def resume(state, ckpt_dir):
+    """Load the newest complete checkpoint of ``ckpt_dir`` into ``state``; -> its step."""
+    _, model_path, state_path = latest_training_state(ckpt_dir)
+    state.model.load_state_dict(load_model_state(model_path))
+    step = restore_training_state(state_path, state.optimizer, state.scaler, state.streams, dist.get_rank())
+    LOGGER.info("resumed from %s at step %d", state_path, step)
+    return step

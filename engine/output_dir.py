@@ -1,0 +1,105 @@
+"""A training run's output_dir: whether to resume, its lock, and its layout.
+
+    output_dir/log/       log.txt, hps.json, model.json, TensorBoard events
+    output_dir/ckpt/      model_step_{N}.pt, train_state_{N}.pt
+    output_dir/results_test/results_{N}.json
+"""
+import json
+import os
+from dataclasses import dataclass
+from os.path import exists, join
+
+from utils import distributed as dist
+from utils.checkpoint import latest_training_state
+from utils.config import ConfigError, load_json
+from utils.logger import LOGGER, add_log_to_file
+from utils.misc import LOCK_NAME, lock_dir
+
+_RUN_FOLDERS = {"log", "ckpt", "results_test", LOCK_NAME}
+
+
+@dataclass(frozen=True)
+class RunFolders:
+    root: str
+
+    @property
+    def ckpt(self):
+        return join(self.root, "ckpt")
+
+    @property
+    def log(self):
+        return join(self.root, "log")
+
+    @property
+    def results(self):
+        return join(self.root, "results_test")
+
+
+def _started_without_checkpoint(output_dir):
+    """Whether ``output_dir`` holds only what a run leaves before its first checkpoint."""
+    folders = RunFolders(output_dir)
+    results = folders.results
+    return (set(os.listdir(output_dir)) <= _RUN_FOLDERS and latest_training_state(folders.ckpt) is None
+            and not (os.path.isdir(results) and os.listdir(results)))
+
+
+def should_resume(output_dir, resume):
+    """Whether to resume. A non-empty output_dir is refused unless resuming (nothing of a
+    previous run is touched); one left by a run stopped before its first checkpoint starts
+    afresh, with or without --resume."""
+    if exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir {output_dir} exists and is not a directory")
+    if resume and latest_training_state(RunFolders(output_dir).ckpt) is not None:
+        return True
+    if not exists(output_dir) or _started_without_checkpoint(output_dir):
+        if resume:
+            LOGGER.warning("--resume: %s holds no training state yet (the run stopped before its first "
+                           "checkpoint); starting from step 0", output_dir)
+        return False
+    if resume:
+        raise ConfigError(f"--resume: no training state in {output_dir}/ckpt to resume from")
+    raise ConfigError(f"output_dir {output_dir} is not empty; choose a new one or pass --resume")
+
+
+def claim(output_dir, resume):
+    """Create and lock output_dir for this process's life, then decide again whether to
+    resume (another run may have written there since the first look)."""
+    os.makedirs(output_dir, exist_ok=True)
+    lock_dir(output_dir)
+    return should_resume(output_dir, resume)
+
+
+def decide_on_every_rank(decide):
+    """Rank 0 runs ``decide()``; every rank gets its result, or raises the same error, so
+    that a user's mistake stops all ranks with one line instead of leaving them waiting."""
+    outcome = None
+    if dist.is_main_process():
+        try:
+            outcome = ("ok", decide())
+        except (ConfigError, OSError) as e:
+            outcome = ("error", str(e))
+    kind, value = dist.all_gather_object(outcome)[0]
+    if kind == "error":
+        raise ConfigError(value)
+    return value
+
+
+def lay_out(output_dir, resumed, hps, model_config):
+    """The run's folders (made by rank 0, which also logs to log/log.txt and, for a new run,
+    writes the options to log/hps.json and the model config to log/model.json)."""
+    folders = RunFolders(output_dir)
+    if dist.is_main_process():
+        for path in (folders.ckpt, folders.log, folders.results):
+            os.makedirs(path, exist_ok=True)
+        add_log_to_file(join(folders.log, "log.txt"))
+        if not resumed:
+            with open(join(folders.log, "hps.json"), "w") as f:
+                json.dump(hps, f, indent=4)
+            with open(join(folders.log, "model.json"), "w") as f:
+                json.dump(load_json(model_config, "model config"), f, indent=4)
+    return folders
+
+
+def write_test_results(folders, step, log, counting):
+    with open(join(folders.results, f"results_{step}.json"), "w") as f:
+        json.dump({**log, "counting": counting}, f, indent=2)
