@@ -59,24 +59,25 @@ def build_parser():
     return p
 
 
-def write_results(opts, scores, txt_ids, img_ids, txt2img):
-    """config.json, score_matrix.pt (with each text's image, so that scripts/retrieval_metrics.py
-    needs nothing else), scores.json, topk.jsonl if asked; prints the R@K table."""
+def write_results(output_dir, settings, scores, txt_ids, img_ids, txt2img, original_counting, dump_topk):
+    """config.json (``settings``), score_matrix.pt (with each text's image, so that
+    scripts/retrieval_metrics.py needs nothing else), scores.json, topk.jsonl if asked;
+    prints the R@K table."""
     txt2img = {t: txt2img[t] for t in txt_ids}
-    log = itm_eval(scores, txt_ids, img_ids, txt2img, original_counting=bool(opts.original_counting))
-    os.makedirs(opts.output_dir, exist_ok=True)
-    with open(join(opts.output_dir, "config.json"), "w") as f:
-        json.dump(vars(opts), f, indent=2)
+    log = itm_eval(scores, txt_ids, img_ids, txt2img, original_counting=bool(original_counting))
+    os.makedirs(output_dir, exist_ok=True)
+    with open(join(output_dir, "config.json"), "w") as f:
+        json.dump(settings, f, indent=2)
     atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids, "txt2img": txt2img},
-                join(opts.output_dir, "score_matrix.pt"))
-    with open(join(opts.output_dir, "scores.json"), "w") as f:
-        json.dump({**log, "counting": counting_name(opts.original_counting)}, f, indent=2)
-    if opts.dump_topk:
+                join(output_dir, "score_matrix.pt"))
+    with open(join(output_dir, "scores.json"), "w") as f:
+        json.dump({**log, "counting": counting_name(original_counting)}, f, indent=2)
+    if dump_topk:
         gt_img = gt_image_index(txt_ids, img_ids, txt2img)
-        with open(join(opts.output_dir, "topk.jsonl"), "w") as f:
-            for record in topk_records(scores, txt_ids, img_ids, gt_img, opts.dump_topk):
+        with open(join(output_dir, "topk.jsonl"), "w") as f:
+            for record in topk_records(scores, txt_ids, img_ids, gt_img, dump_topk):
                 f.write(json.dumps(record) + "\n")
-    print(format_recall_table(log, opts.original_counting))
+    print(format_recall_table(log, original_counting))
 
 
 def main(opts):
@@ -109,7 +110,8 @@ def main(opts):
         scores, txt_ids, img_ids = gather_scores(model, loader)
     check_scores_finite(scores, txt_ids, img_ids, opts.allow_nonfinite_scores)
     if dist.is_main_process():
-        write_results(opts, scores, txt_ids, img_ids, txt_db.txt2img)
+        write_results(opts.output_dir, vars(opts), scores, txt_ids, img_ids, txt_db.txt2img,
+                      opts.original_counting, opts.dump_topk)
     dist.barrier()
     dist.shutdown()
 
