@@ -1,8 +1,9 @@
 from .batch import get_gather_index, pad_tensors
-from .db import (DataError, DetectFeatLmdb, ImageLmdbGroup, ImgDbWriter, TxtLmdb, TxtTokLmdb,
-                 compute_num_bb, write_txt_db)
+from .errors import DataError
+from .img_db import DetectFeatLmdb, ImageLmdbGroup, ImgDbWriter, compute_num_bb
 from .itm import (ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText,
                   ItmValDataset, itm_eval_collate, itm_rank_hn_collate, itm_val_collate,
                   sample_negative)
 from .loader import WORKER_TYPES, PrefetchLoader, ResumableStream, ThreadLoader, make_loader
 from .sampler import TokenBucketSampler
+from .txt_db import TxtLmdb, TxtTokLmdb, write_txt_db

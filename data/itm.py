@@ -13,7 +13,9 @@ from utils.distributed import get_rank, get_world_size
 
 from .batch import (RecycledBuffers, compact_attn_masks, get_gather_index, padded_layout_masks,
                     shared_across_batches)
-from .db import DataError, DetectFeatLmdb, TxtTokLmdb
+from .errors import DataError
+from .img_db import DetectFeatLmdb
+from .txt_db import TxtTokLmdb
 
 
 def get_ids_and_lens(txt_db):

@@ -17,7 +17,7 @@ from conftest import IMG_DB, TXT_DB, load_fixture
 from data import (DataError, DetectFeatLmdb, ImageLmdbGroup, ImgDbWriter, ItmEvalDataset,
                   ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ItmValDataset,
                   TxtTokLmdb, write_txt_db)
-from data.db import decode_txt
+from data.txt_db import decode_txt
 
 REF_FEATS = load_fixture("ref_img_feats.pt")
 
@@ -235,7 +235,7 @@ def test_corrupt_lmdb_value_names_the_key(tmp_path):
 def test_decoder_equals_msgpack_numpy(img_db):
     """Our plain-value decoder gives exactly what msgpack-numpy decodes, reads the arrays in
     place (views of the stored bytes), and builds only the arrays it is asked for."""
-    from data.db import decode_img_dump
+    from data.feature_codec import decode_img_dump
     for name in img_db.name2nbb:
         raw = bytes(img_db.txn.get(name.encode()))
         ref = msgpack.loads(raw, raw=False, object_hook=msgpack_numpy.decode)
@@ -250,7 +250,7 @@ def test_decoder_equals_msgpack_numpy(img_db):
 def test_decoder_falls_back_on_unusual_encodings():
     """Values with msgpack types numpy dumps do not use (here a float and an ext field) still
     decode, through the reference decoder."""
-    from data.db import decode_img_dump
+    from data.feature_codec import decode_img_dump
     arrays = {"features": np.arange(6, dtype=np.float16).reshape(2, 3), "norm_bb": np.ones((2, 6), np.float16)}
     raw = msgpack.packb({**{k: msgpack_numpy.encode(a) for k, a in arrays.items()}, "scale": 0.5,
                          "tag": msgpack.ExtType(1, b"x")}, use_bin_type=True)
@@ -261,7 +261,7 @@ def test_decoder_falls_back_on_unusual_encodings():
 def test_remembered_layouts_only_serve_identical_headers():
     """Values of equal length whose headers differ (shape, dtype) each decode as written;
     a second read of a value comes from the remembered layout and is equal."""
-    from data.db import decode_img_dump
+    from data.feature_codec import decode_img_dump
     variants = [np.arange(24, dtype=np.float16).reshape(4, 6), np.arange(24, dtype=np.float16).reshape(6, 4),
                 np.arange(24, dtype=np.int16).reshape(4, 6), np.arange(24, dtype=np.float16)[::-1].reshape(4, 6)]
     bb = np.ones((2, 6), np.float16)
@@ -274,7 +274,7 @@ def test_remembered_layouts_only_serve_identical_headers():
             assert out["features"].dtype == a.dtype and np.array_equal(out["features"], a)
             assert np.array_equal(out["norm_bb"], bb)
             assert np.shares_memory(out["features"], np.frombuffer(raw, np.uint8))
-    from data.db import _LAYOUTS
+    from data.feature_codec import _LAYOUTS
     served = _LAYOUTS.read(memoryview(raws[3]), ("features", "norm_bb"))  # same header as raws[0]
     assert served is not None and np.array_equal(served["features"], variants[3])
 
