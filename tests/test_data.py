@@ -177,7 +177,7 @@ def test_negatives_never_overlap_positives(txt_db, img_db):
     i = ItmRankDatasetHardNegFromImage(txt_db, img_db, 7, False)
     for k in range(len(t)):
         random.seed(k)
-        from data.itm import sample_negative
+        from data.negatives import sample_negative
         gt = t.txt2img[t.ids[k]]
         assert gt not in sample_negative(t.img_name_list, [gt], 7)
         own = i.img2txts[gt]
@@ -368,7 +368,7 @@ def test_stream_batches_do_not_depend_on_the_workers(txt_db, img_db, iais):
 
 
 def test_seeded_draws_equal_the_global_generator_seeded_alike():
-    from data.itm import sample_negative, seeded_draws
+    from data.negatives import sample_negative, seeded_draws
     pool = list(range(1000))
     random.seed("7:0:3")
     expected = sample_negative(pool, [5], 20)

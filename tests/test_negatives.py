@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_CONFIG, load_fixture
 from data import DataError, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
 from data.groups import read_image_groups
-from data.itm import seeded_draws
+from data.negatives import seeded_draws
 
 
 def write(tmp_path, content):
