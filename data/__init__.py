@@ -5,5 +5,4 @@ from .itm import (ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDataset
                   ItmValDataset, itm_eval_collate, itm_rank_hn_collate, itm_val_collate)
 from .loader import WORKER_TYPES, PrefetchLoader, ResumableStream, ThreadLoader, make_loader
 from .negatives import sample_negative, seeded_draws
-from .sampler import TokenBucketSampler
 from .txt_db import TxtLmdb, TxtTokLmdb, write_txt_db

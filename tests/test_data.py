@@ -309,16 +309,6 @@ def test_text_side_batches_stay_intact_while_held(txt_db, img_db):
     assert all(torch.equal(again[k], v) for k, v in copy.items())
 
 
-def test_token_bucket_sampler_budget_and_coverage():
-    from data import TokenBucketSampler
-    random.seed(0)
-    lens = [random.randint(5, 60) for _ in range(200)]
-    batches = list(TokenBucketSampler(lens, bucket_size=64, batch_size=400, size_multiple=4))
-    assert sorted(i for b in batches for i in b) == list(range(200))
-    for b in batches:
-        assert max(lens[i] for i in b) * len(b) <= 400 or len(b) <= 4
-
-
 def test_prefetch_loader_passes_batches_through_on_cpu(txt_db, img_db):
     from torch.utils.data import DataLoader
     from data import PrefetchLoader, itm_eval_collate
