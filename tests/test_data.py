@@ -185,13 +185,9 @@ def test_negatives_never_overlap_positives(txt_db, img_db):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_sharding_is_disjoint_and_complete(monkeypatch, txt_db, img_db, world):
-    import data.itm
-    shards = []
-    for rank in range(world):
-        monkeypatch.setattr(data.itm, "get_rank", lambda r=rank: r)
-        monkeypatch.setattr(data.itm, "get_world_size", lambda: world)
-        shards.append(ItmRankDatasetHardNegFromText(txt_db, img_db, 3).ids)
+def test_sharding_is_disjoint_and_complete(txt_db, img_db, world):
+    shards = [ItmRankDatasetHardNegFromText(txt_db, img_db, 3, rank=rank, world_size=world).ids
+              for rank in range(world)]
     flat = [i for s in shards for i in s]
     assert len(flat) == len(set(flat)) == len(txt_db.id2len)
     assert shards[1] == list(txt_db.id2len)[1::world]
@@ -515,3 +511,38 @@ def test_layout_masks_and_gather_index_by_hand():
     assert compact_attn_masks(txt_lens, num_bbs).tolist() == compact
     assert get_gather_index(txt_lens, num_bbs, 4, box_start, width).tolist() == gather
     assert [m.tolist() for m in padded_layout_masks(txt_lens, num_bbs)] == [attn, words, boxes]
+
+
+def test_pair_batch_is_the_one_image_validation_batch(txt_db, img_db):
+    """Caption i with its own image: the IAIS validation batch against that image alone,
+    with the caption's word count (no [CLS]/[SEP]) and the image's box count."""
+    hard = ItmRankDatasetHardNegFromText(txt_db, img_db, 3)
+    val = ItmValDataset(txt_db, img_db, 1, IAIS=True)
+    for i in (0, 17, len(val) - 1):
+        txt_id, batch, n_words, n_boxes = hard.pair_batch(i)
+        ref = val[i]
+        assert txt_id == val.ids[i]
+        assert batch.keys() == ref.keys() and all(
+            batch[k].dtype == ref[k].dtype and torch.equal(batch[k], ref[k]) for k in ref)
+        assert n_words == len(txt_db[txt_id]["input_ids"]) == int(batch["txt_attn_masks"].sum())
+        assert n_boxes == img_db.name2nbb[txt_db.txt2img[txt_id]] == int(batch["img_attn_masks"].sum())
+
+
+def test_only_training_datasets_carry_lens(txt_db, img_db):
+    ds = ItmRankDatasetHardNegFromImage(txt_db, img_db, 7, rank=1, world_size=2)
+    assert ds.lens == [len(txt_db[t]["input_ids"]) + img_db.name2nbb[txt_db.txt2img[t]] for t in ds.ids]
+    assert not hasattr(ItmValDataset(txt_db, img_db, 5), "lens")
+
+
+def test_rank_outside_the_world_is_refused(txt_db, img_db):
+    with pytest.raises(ValueError, match="rank 2 is not one of the 2 processes"):
+        ItmEvalDataset(txt_db, img_db, 8, rank=2, world_size=2)
+
+
+def test_one_collate_for_every_dataset(txt_db, img_db):
+    from data import itm_eval_collate, itm_rank_hn_collate, itm_val_collate
+    assert itm_rank_hn_collate is itm_val_collate is itm_eval_collate
+    batch = ItmValDataset(txt_db, img_db, 5)[0]
+    assert itm_val_collate([batch]) is batch
+    with pytest.raises(AssertionError, match="batch_size=1"):
+        itm_val_collate([batch, batch])
