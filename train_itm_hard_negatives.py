@@ -129,21 +129,22 @@ def build_datasets(opts):
     iais = opts.IAIS or False
     groups = read_image_groups(opts.negative_groups) if opts.negative_groups else None
     text_side, image_side = [], []
+    shard = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
     for txt_path, img_path in zip(opts.train_txt_dbs, opts.train_img_dbs):
         txt_db, img_db = TxtTokLmdb(txt_path, opts.max_txt_len), img_dbs[img_path]
-        text_side.append(ItmRankDatasetHardNegFromText(txt_db, img_db, opts.negative_size, iais, groups))
+        text_side.append(ItmRankDatasetHardNegFromText(txt_db, img_db, opts.negative_size, iais, groups, **shard))
         image_side.append(ItmRankDatasetHardNegFromImage(txt_db, img_db, opts.negative_size, iais, groups,
-                                                         padded_masks=opts.fix_image_side_masks))
+                                                         padded_masks=opts.fix_image_side_masks, **shard))
     if groups and not any(d.image_groups for d in text_side):
         raise DataError(f"negative_groups {opts.negative_groups}: none of its images is in the training data; "
                         f"check that it names images as the txt_db does (img_fname)")
     val_txt = TxtTokLmdb(opts.val_txt_db, -1)
     val_img = img_dbs[opts.val_img_db]
     return {"text": ConcatDataset(text_side), "image": ConcatDataset(image_side),
-            "val": ItmValDataset(val_txt, val_img, opts.inf_minibatch_size),
-            "val_full": ItmEvalDataset(val_txt, val_img, opts.inf_minibatch_size),
+            "val": ItmValDataset(val_txt, val_img, opts.inf_minibatch_size, **shard),
+            "val_full": ItmEvalDataset(val_txt, val_img, opts.inf_minibatch_size, **shard),
             "test": ItmEvalDataset(TxtTokLmdb(opts.test_txt_db, -1), img_dbs[opts.test_img_db],
-                                   opts.inf_minibatch_size)}
+                                   opts.inf_minibatch_size, **shard)}
 
 
 def check_splits(dsets, model_config):

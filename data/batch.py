@@ -1,4 +1,5 @@
-"""Padding and layout helpers shared by the ITM datasets."""
+"""Padding and layout helpers shared by the ITM datasets: the compact and the padded IAIS
+layout of a batch, its masks and gather index, and the memory its tensors are built in."""
 import sys
 import threading
 
@@ -119,3 +120,26 @@ def padded_layout_masks(txt_lens, num_bbs):
     boxes = ((pos >= max_tl) & (pos < max_tl + nbb)).long()
     attn = (pos < tl).long() | boxes
     return attn, words, boxes
+
+
+def box_position_features(norm_bb):
+    """[..., 6] (x1, y1, x2, y2, w, h) -> [..., 7] with the area w*h appended."""
+    return torch.cat([norm_bb, norm_bb[..., 4:5] * norm_bb[..., 5:]], dim=-1)
+
+
+def iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, all_rows):
+    """Padded layout with the word/box position masks IAIS needs (of row 0 unless all_rows)."""
+    attn_masks, words, boxes = padded_layout_masks(txt_lens, num_bbs)
+    rows = slice(None) if all_rows else slice(0, 1)
+    return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
+            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks,
+            "txt_attn_masks": words[rows], "img_attn_masks": boxes[rows]}
+
+
+def compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, box_start):
+    """Compact layout (each row's text then its boxes) with the gather index that packs it;
+    ``box_start``: see ``get_gather_index``."""
+    attn_masks = compact_attn_masks(txt_lens, num_bbs)
+    gather_index = get_gather_index(txt_lens, num_bbs, len(txt_lens), box_start, attn_masks.size(1))
+    return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
+            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks, "gather_index": gather_index}

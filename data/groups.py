@@ -1,6 +1,6 @@
 """Groups of confusable images (twins, compositional swaps, mined neighbours): read from a
 JSON file, used to put each image's group members among its training negatives."""
-from .db import DataError, _load_json
+from .errors import DataError, load_json
 
 WINOGROUND_KEYS = ("caption_0", "caption_1", "image_0", "image_1")
 
@@ -23,7 +23,7 @@ def read_image_groups(path):
     names (img_fname, as in the txt_db) or Winoground-style groups ({"caption_0",
     "caption_1", "image_0", "image_1"}, as make_demo_data.py writes them). An image in
     several entries is confusable with the members of all of them."""
-    content = _load_json(path)
+    content = load_json(path)
     if not isinstance(content, list):
         raise DataError(f"{path}: expected a JSON list of groups, got {type(content).__name__}")
     groups = {}

@@ -1,160 +1,33 @@
 """Image-text matching datasets: hard-negative training groups, quick validation and
 full evaluation. Each item is already a batch (DataLoader batch_size=1)."""
-import contextlib
-import random
 import threading
 from collections import Counter
 
-import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import get_worker_info
 
-from utils.distributed import get_rank, get_world_size
-
-from .batch import (RecycledBuffers, compact_attn_masks, get_gather_index, padded_layout_masks,
-                    shared_across_batches)
-from .db import DataError, DetectFeatLmdb, TxtTokLmdb
-
-
-def get_ids_and_lens(txt_db):
-    """This process's share of the text ids (ids[rank::world_size]) and their lengths."""
-    ids = list(txt_db.id2len)[get_rank()::get_world_size()]
-    return [txt_db.id2len[i] for i in ids], ids
+from .batch import compact_batch, iais_batch, padded_layout_masks, shared_across_batches
+from .captions import CaptionDataset
+from .errors import DataError
+from .negatives import negatives_with
 
 
-def _has_overlap(la, lb):
-    if len(la) < len(lb):
-        la, lb = lb, la
-    s = set(la)
-    return any(b in s for b in lb)
-
-
-_draws = threading.local()
-
-
-@contextlib.contextmanager
-def seeded_draws(seed):
-    """The negatives of items built inside are drawn from a generator of their own, seeded
-    with ``seed`` (the same draws as after ``random.seed(seed)``): loader threads must not
-    share the global one. Outside, draws come from the global ``random``, as in the original."""
-    _draws.rng = random.Random(seed)
-    try:
-        yield
-    finally:
-        del _draws.rng
-
-
-MAX_REDRAWS = 1000
-
-
-def sample_negative(sample_pool, ground_truths, num_sample):
-    """``num_sample`` draws from the pool without any ground truth (redrawn until so).
-
-    When the pool holds few more items than ``num_sample``, a draw that misses every ground
-    truth is rare (1 in 512 for 512 images and 511 negatives; never when no more items
-    than ``num_sample`` are left): after ``MAX_REDRAWS`` draws the sample is taken from the
-    pool without the ground truths instead. Larger pools draw exactly as the original."""
-    rng = getattr(_draws, "rng", random)
-    outputs = ground_truths[:1]
-    for _ in range(MAX_REDRAWS):
-        if not _has_overlap(outputs, ground_truths):
-            return outputs
-        outputs = rng.sample(sample_pool, num_sample)
-    if not _has_overlap(outputs, ground_truths):
-        return outputs
-    truths = set(ground_truths)
-    return rng.sample([x for x in sample_pool if x not in truths], num_sample)
-
-
-def negatives_with(forced, sample_pool, ground_truths, num_sample):
-    """``num_sample`` negatives: ``forced`` first (a seeded sample of them when there are more),
-    then draws from the pool without any ground truth or forced one; with nothing forced,
-    exactly the draws of ``sample_negative`` (the original's)."""
-    if len(forced) >= num_sample:
-        return getattr(_draws, "rng", random).sample(forced, num_sample)
-    return forced + sample_negative(sample_pool, ground_truths + forced, num_sample - len(forced))
-
-
-def box_position_features(norm_bb):
-    """[..., 6] (x1, y1, x2, y2, w, h) -> [..., 7] with the area w*h appended."""
-    return torch.cat([norm_bb, norm_bb[..., 4:5] * norm_bb[..., 5:]], dim=-1)
-
-
-class DetectFeatTxtTokDataset(Dataset):
-    """Captions of this process's shard, with access to their images' features."""
-
-    def __init__(self, txt_db, img_db):
-        if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, DetectFeatLmdb):
-            raise TypeError("expected a TxtTokLmdb and a DetectFeatLmdb")
-        self.txt_db, self.img_db = txt_db, img_db
-        self._feat_buffers = RecycledBuffers()
-        txt_lens, self.ids = get_ids_and_lens(txt_db)
-        if not txt_db.id2len:
-            raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
-                            f"raise --max_txt_len")
-        txt2img = txt_db.txt2img
-        missing = sorted({txt2img[i] for i in txt_db.id2len if i in txt2img} - set(img_db.name2nbb))
-        if missing:
-            raise DataError(f"{len(missing)} image(s) of {txt_db.db_dir} are not in {img_db.db_dir} "
-                            f"(first: {', '.join(missing[:3])}); check that txt_db and img_db match")
-        txt_db.check_links()
-        self.lens = [tl + img_db.name2nbb[txt2img[id_]] for tl, id_ in zip(txt_lens, self.ids)]
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return self.txt_db[self.ids[i]]
-
-    def _get_img_feat(self, fname):
-        feat, norm_bb = self.img_db[fname]
-        return feat, box_position_features(norm_bb), feat.size(0)
-
-    def _get_img_feats(self, fnames, recycle=True):
-        """Features of several images padded into one tensor:
-        (img_feat [n, max_nbb, D] as stored, img_pos_feat [n, max_nbb, 7] float32, num_bbs)."""
-        arrays = [self.img_db.read_arrays(f) for f in fnames]
-        num_bbs = [a["features"].shape[0] for a in arrays]
-        n, max_nbb = len(fnames), max(num_bbs)
-        shape, dtype = (n, max_nbb, arrays[0]["features"].shape[1]), arrays[0]["features"].dtype
-        feat = self._feat_buffers.empty(shape, dtype) if recycle else np.empty(shape, dtype)
-        bb = np.zeros((n, max_nbb, 6), dtype=np.float32)
-        for i, (a, nbb) in enumerate(zip(arrays, num_bbs)):
-            feat[i, :nbb] = a["features"]
-            feat[i, nbb:] = 0
-            bb[i, :nbb] = a["norm_bb"]
-        return torch.from_numpy(feat), box_position_features(torch.from_numpy(bb)), num_bbs
-
-
-def _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, all_rows):
-    """Padded layout with the word/box position masks IAIS needs (of row 0 unless all_rows)."""
-    attn_masks, words, boxes = padded_layout_masks(txt_lens, num_bbs)
-    rows = slice(None) if all_rows else slice(0, 1)
-    return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
-            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks,
-            "txt_attn_masks": words[rows], "img_attn_masks": boxes[rows]}
-
-
-def _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, box_start):
-    attn_masks = compact_attn_masks(txt_lens, num_bbs)
-    gather_index = get_gather_index(txt_lens, num_bbs, len(txt_lens), box_start, attn_masks.size(1))
-    return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
-            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks, "gather_index": gather_index}
-
-
-class _HardNegDataset(DetectFeatTxtTokDataset):
+class _HardNegDataset(CaptionDataset):
     """A positive pair and ``neg_sample_size`` negatives per item; ``IAIS`` (truthy) gives
     the padded layout with the position masks the alignment loss needs. ``image_groups``
     ({image: confusable images}, see data.groups) puts an image's group members (text
-    side) or their captions (image side) among its negatives, before the random ones."""
+    side) or their captions (image side) among its negatives, before the random ones.
+    ``rank``/``world_size``: this process's share of the captions (see CaptionDataset)."""
 
-    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False, image_groups=None):
+    def __init__(self, txt_db, img_db, neg_sample_size=1, IAIS=False, image_groups=None, *,
+                 rank=0, world_size=1):
         if neg_sample_size <= 0:
             raise ValueError("neg_sample_size must be at least 1")
-        super().__init__(txt_db, img_db)
-        txt2img = txt_db.txt2img
-        self.txt2img = {id_: txt2img[id_] for id_ in self.ids}
-        self.img2txts = txt_db.img2txts
+        super().__init__(txt_db, img_db, rank=rank, world_size=world_size)
+        # this process's captions only: the image side draws its negative captions among them
+        self.txt2img = {id_: self.txt2img[id_] for id_ in self.ids}
+        # the original's lens (caption tokens + boxes per item), what a length-bucketing sampler reads
+        self.lens = [txt_db.id2len[id_] + img_db.name2nbb[self.txt2img[id_]] for id_ in self.ids]
         self.neg_sample_size = neg_sample_size
         self.IAIS = IAIS
         self.image_groups = {img: [m for m in members if m in self.img2txts]
@@ -182,16 +55,16 @@ class ItmRankDatasetHardNegFromText(_HardNegDataset):
     def __getitem__(self, i):
         txt_id = self.ids[i]
         gt_img = self.txt2img[txt_id]
-        input_ids = self.txt_db.combine_inputs(self.txt_db[txt_id]["input_ids"]).unsqueeze(0)
+        input_ids = self._caption(txt_id).unsqueeze(0)
         tl = input_ids.size(1)
         position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
         forced = self.image_groups.get(gt_img, [])
         img_ids = [gt_img] + negatives_with(forced, self.img_name_list, [gt_img], self.neg_sample_size)
-        img_feat, img_pos_feat, num_bbs = self._get_img_feats(img_ids)
+        img_feat, img_pos_feat, num_bbs = self.image_features(img_ids)
         txt_lens = [tl] * len(img_ids)
         if self.IAIS:
-            return _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, False)
-        return _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
+            return iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, False)
+        return compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
 
 
 class ItmRankDatasetHardNegFromImage(_HardNegDataset):
@@ -218,36 +91,28 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
         feat, pos, nbb = self._get_img_feat(gt_img)
         forced = [t for img in self.image_groups.get(gt_img, ()) for t in self.img2txts[img]]
         txt_ids = [txt_id] + negatives_with(forced, self.txt_name_list, self.img2txts[gt_img], self.neg_sample_size)
-        texts = [self.txt_db.combine_inputs(self.txt_db[t]["input_ids"]) for t in txt_ids]
+        texts = [self._caption(t) for t in txt_ids]
         txt_lens = [len(t) for t in texts]
         input_ids = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True, padding_value=0)
         position_ids = torch.arange(input_ids.size(1), dtype=torch.long).unsqueeze(0)
         num_bbs = [nbb] * len(txt_ids)
         args = (input_ids, position_ids, feat.unsqueeze(0), pos.unsqueeze(0), txt_lens, num_bbs)
         if self.IAIS:
-            return _iais_batch(*args, all_rows=False)
+            return iais_batch(*args, all_rows=False)
         if self.padded_masks:
             attn_masks, _, _ = padded_layout_masks(txt_lens, num_bbs)
             return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": args[2],
                     "img_pos_feat": args[3], "attn_masks": attn_masks}
         # boxes start after the *last* caption in the original's gather index (see get_gather_index)
-        return _compact_batch(*args, box_start=txt_lens[-1])
+        return compact_batch(*args, box_start=txt_lens[-1])
 
 
-def itm_rank_hn_collate(inputs):
-    assert len(inputs) == 1, "hard-negative datasets yield whole batches; use batch_size=1"
-    return inputs[0]
-
-
-class ItmValDataset(DetectFeatTxtTokDataset):
+class ItmValDataset(CaptionDataset):
     """Quick validation: each caption against its image and the next
     ``mini_batch_size - 1`` images of the split (wrapping around)."""
 
-    def __init__(self, txt_db, img_db, mini_batch_size=400, IAIS=False):
-        super().__init__(txt_db, img_db)
-        del self.lens
-        self.txt2img = txt_db.txt2img
-        self.img2txts = txt_db.img2txts
+    def __init__(self, txt_db, img_db, mini_batch_size=400, IAIS=False, *, rank=0, world_size=1):
+        super().__init__(txt_db, img_db, rank=rank, world_size=world_size)
         self.all_img_ids = list(self.img2txts)
         self.IAIS = IAIS
         if not 0 < mini_batch_size <= len(self.all_img_ids):
@@ -268,21 +133,16 @@ class ItmValDataset(DetectFeatTxtTokDataset):
         return self.get_batch(i, [gt_img] + neg_imgs)
 
     def get_batch(self, i, img_ids, image_side=None):
-        """Caption i against ``img_ids`` (whose ``_get_img_feats`` may be given as ``image_side``)."""
-        input_ids = self.txt_db.combine_inputs(self.txt_db[self.ids[i]]["input_ids"])
+        """Caption i against ``img_ids`` (whose ``image_features`` may be given as ``image_side``)."""
+        input_ids = self._caption(self.ids[i])
         tl = input_ids.size(0)
         input_ids = input_ids.unsqueeze(0).expand(len(img_ids), -1).clone()
         position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
-        img_feat, img_pos_feat, num_bbs = image_side or self._get_img_feats(img_ids)
+        img_feat, img_pos_feat, num_bbs = image_side or self.image_features(img_ids)
         txt_lens = [tl] * len(img_ids)
         if self.IAIS:
-            return _iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, True)
-        return _compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
-
-
-def itm_val_collate(inputs):
-    assert len(inputs) == 1, "validation datasets yield whole batches; use batch_size=1"
-    return inputs[0]
+            return iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, True)
+        return compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
 
 
 class _ImageSides:
@@ -322,9 +182,16 @@ class ItmEvalDataset(ItmValDataset):
         for st in range(0, len(self.all_img_ids), self.bs):
             img_ids = self.all_img_ids[st:st + self.bs]
             # not in recycled memory: these stay as long as the dataset
-            image_side = self._image_sides.get(st, lambda: self._get_img_feats(img_ids, recycle=False))
+            image_side = self._image_sides.get(st, lambda: self.image_features(img_ids, recycle=False))
             batches.append(self.get_batch(i, img_ids, image_side))
         return batches
 
 
-itm_eval_collate = itm_val_collate
+def itm_collate(inputs):
+    """The batch that the one item of ``inputs`` already is: ITM datasets yield whole batches."""
+    assert len(inputs) == 1, "ITM datasets yield whole batches; use batch_size=1"
+    return inputs[0]
+
+
+# the original's names, one per dataset kind
+itm_rank_hn_collate = itm_val_collate = itm_eval_collate = itm_collate

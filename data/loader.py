@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from .batch import is_shared_across_batches
-from .itm import seeded_draws
+from .negatives import seeded_draws
 
 WORKER_TYPES = ("thread", "process")
 

@@ -42,7 +42,7 @@ sys.path.insert(0, dirname(dirname(abspath(__file__))))
 from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,  # noqa: E402
                   ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb,
                   itm_rank_hn_collate, pad_tensors, write_txt_db)
-from data.itm import box_position_features  # noqa: E402
+from data.batch import box_position_features  # noqa: E402
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg  # noqa: E402
 from bench_original import check_checkout  # noqa: E402
 from timing import rate  # noqa: E402

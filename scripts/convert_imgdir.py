@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import DataError, ImgDbWriter, compute_num_bb  # noqa: E402
+from data import DataError, ImgDbWriter, compute_num_bb  # noqa: E402
 from model import IMG_DIM  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import POSITIVE, add_box_selection_args, make_parser  # noqa: E402

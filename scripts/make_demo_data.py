@@ -26,7 +26,7 @@ from os.path import abspath, dirname, exists, join
 import numpy as np
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import ImgDbWriter, write_txt_db  # noqa: E402
+from data import ImgDbWriter, write_txt_db  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import POSITIVE, ConfigError, Range, make_parser  # noqa: E402
 

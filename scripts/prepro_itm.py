@@ -19,7 +19,7 @@ from os.path import abspath, dirname, exists, join
 from tqdm import tqdm
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import DataError, write_txt_db  # noqa: E402
+from data import DataError, write_txt_db  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import ConfigError, load_json, make_parser  # noqa: E402
 

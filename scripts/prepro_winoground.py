@@ -18,7 +18,7 @@ import sys
 from os.path import abspath, dirname, join
 
 sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import DataError, write_txt_db  # noqa: E402
+from data import DataError, write_txt_db  # noqa: E402
 from prepro_itm import build_meta, caption_value  # noqa: E402
 from utils.cli import run  # noqa: E402
 from utils.config import ConfigError, make_parser  # noqa: E402

@@ -1,4 +1,5 @@
-"""Running the entry points the way a user does."""
+"""Running the entry points the way a user does, and the fixture DBs as the original reads them."""
+import hashlib
 import json
 import os
 import shutil
@@ -6,7 +7,9 @@ import socket
 import subprocess
 import sys
 
-from conftest import FIXTURES, IMG_DB, ROOT, TINY_CONFIG, TXT_DB
+import torch
+
+from conftest import FIXTURES, IMG_DB, ROOT, TINY_CONFIG, TXT_DB, load_fixture
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -77,3 +80,15 @@ def copy_stopped_at(ref, out, later_steps):
         for name in (f"model_step_{step}.pt", f"train_state_{step}.pt"):
             os.remove(os.path.join(out, "ckpt", name))
     return out
+
+
+def check_against_reference(img_db):
+    """The features and boxes of the fixture img_db as the original loaded them."""
+    ref_feats = load_fixture("ref_img_feats.pt")
+    assert img_db.name2nbb == ref_feats["name2nbb"]
+    for name, ref in ref_feats["feats"].items():
+        feat, norm_bb = img_db[name]
+        as_loaded = feat.float().numpy()
+        assert list(as_loaded.shape) == ref["shape"]
+        assert hashlib.sha256(as_loaded.tobytes()).hexdigest() == ref["features_sha256"]
+        assert torch.equal(norm_bb, ref["norm_bb"].float())

@@ -1,4 +1,5 @@
-"""Negatives from declared groups of confusable images, and the image-side masks of the
+"""Negative sampling: never a ground truth, seeded draws equal to the global generator's,
+negatives from declared groups of confusable images; and the image-side masks of the
 padded layout (--fix_image_side_masks)."""
 import json
 import random
@@ -9,7 +10,7 @@ import torch
 from conftest import TINY_CONFIG, load_fixture
 from data import DataError, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
 from data.groups import read_image_groups
-from data.itm import seeded_draws
+from data.negatives import sample_negative, seeded_draws
 
 
 def write(tmp_path, content):
@@ -100,7 +101,6 @@ def test_more_group_members_than_negatives_are_sampled(txt_db, img_db):
 
 def test_without_groups_the_draws_are_the_original_ones(txt_db, img_db):
     """No group, or an image outside every group: the original's negatives, draw for draw."""
-    from data import sample_negative
     ds = ItmRankDatasetHardNegFromText(txt_db, img_db, 3, image_groups={"not-in-this-split.npz": ["x.npz"]})
     random.seed(5)
     batch = ds[0]
@@ -181,3 +181,25 @@ def test_demo_relations_paired_bootstrap():
     assert better["group"]["p"] == pytest.approx(2 / 201)
     mixed = paired_bootstrap([outcomes(True), outcomes(False)], [outcomes(False), outcomes(False)], n_boot=400)
     assert mixed["group"]["diff"] == 0.5 and mixed["group"]["ci95"] == [0.0, 1.0]  # one seed of two gains
+
+
+def test_negatives_never_overlap_positives(txt_db, img_db):
+    random.seed(0)
+    t = ItmRankDatasetHardNegFromText(txt_db, img_db, 7, False)
+    i = ItmRankDatasetHardNegFromImage(txt_db, img_db, 7, False)
+    for k in range(len(t)):
+        random.seed(k)
+        gt = t.txt2img[t.ids[k]]
+        assert gt not in sample_negative(t.img_name_list, [gt], 7)
+        own = i.img2txts[gt]
+        assert not set(own) & set(sample_negative(i.txt_name_list, own, 7))
+
+
+def test_seeded_draws_equal_the_global_generator_seeded_alike():
+    pool = list(range(1000))
+    random.seed("7:0:3")
+    expected = sample_negative(pool, [5], 20)
+    random.seed(0)
+    with seeded_draws("7:0:3"):
+        assert sample_negative(pool, [5], 20) == expected
+    assert sample_negative(pool, [5], 20) == random.Random(0).sample(pool, 20)  # global again outside

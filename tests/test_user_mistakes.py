@@ -464,7 +464,7 @@ def test_negative_sampling_ends_on_a_pool_barely_large_enough():
     """512 captions, 5 of them the positive image's, 507 negatives asked: a random draw
     almost never misses all five; the draw still ends, without them."""
     import random
-    from data.itm import sample_negative
+    from data.negatives import sample_negative
     random.seed(0)
     pool = list(range(512))
     out = sample_negative(pool, [0, 1, 2, 3, 4], 507)
