@@ -96,7 +96,7 @@ def bench_loader(root, min_time):
     plain = PlainImages(img)
     random.seed(0)
     names = [random.sample(text_side.img_name_list, 400) for _ in range(8)]
-    fast_out = text_side._get_img_feats(names[0])
+    fast_out = text_side.image_features(names[0])
     plain_out = plain.load(names[0])
     assert torch.equal(fast_out[0].float(), plain_out[0]) and torch.equal(fast_out[1], plain_out[1])
     it = iter(range(10 ** 9))

@@ -4,7 +4,7 @@ of a crash hours later or a wrong number.
 
 Each costs at most a few seconds on the full Flickr30k and COCO DBs: the caption scan
 decodes every caption once, the image DBs are probed with one image each (features are
-checked for non-finite values as each image is first read, in data/db.py)."""
+checked for non-finite values as each image is first read, in data/img_db.py)."""
 import json
 import math
 import os
