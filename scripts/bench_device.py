@@ -7,11 +7,11 @@ import time
 import numpy as np
 import torch
 
-from bench import fed_loop, open_bench_dbs, train_loss, use_fast_paths
+from scripts.bench import fed_loop, open_bench_dbs, train_loss, use_fast_paths
 from data import (ItmEvalDataset, ItmRankDatasetHardNegFromText, PrefetchLoader, ResumableStream,
                   itm_eval_collate, itm_rank_hn_collate, make_loader)
 from model import UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
-from timing import rate
+from scripts.timing import rate
 from utils.itm_eval import inference
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, by a part of the device name (first match)

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from os.path import abspath, exists, join
 
-from timing import rate
+from scripts.timing import rate
 
 STAND_INS = {
     # FusedLayerNorm computes what nn.LayerNorm computes; the CUDA kernel is all apex adds
@@ -81,6 +81,9 @@ def main():
     p.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
     opts = p.parse_args()
 
+    # The original's modules import each other and their stand-ins as top-level packages
+    # (data, model, apex, horovod, ...), so its tree must come first on the import path. That
+    # is why this runs in a process of its own, which imports no data or model of this project.
     sys.path.insert(0, import_tree(opts.original_repo))
     import torch
     from data.data import DetectFeatLmdb, TxtTokLmdb

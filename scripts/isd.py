@@ -13,20 +13,18 @@ order (see scripts/examples/isda_annotations.json).
 """
 import json
 import os
-import sys
-from os.path import abspath, dirname, join
+from os.path import join
 
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTokLmdb  # noqa: E402
-from data.batch import padded_layout_masks  # noqa: E402
-from model import IMG_DIM, UniterForImageTextRetrieval  # noqa: E402
-from model.iais import VARIANTS  # noqa: E402
-from utils.checks import check_split, load_model  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, ConfigError, add_box_args, load_json, make_parser  # noqa: E402
-from utils.isd import annotated_isd, layer_attention_blocks, pair_isd  # noqa: E402
+from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTokLmdb
+from data.batch import padded_layout_masks
+from model import IMG_DIM, UniterForImageTextRetrieval
+from model.iais import VARIANTS
+from utils.checks import check_split, load_model
+from utils.cli import run
+from utils.config import POSITIVE, ConfigError, add_box_args, load_json, make_parser
+from utils.isd import annotated_isd, layer_attention_blocks, pair_isd
 
 
 def pair_batch(dataset, i):

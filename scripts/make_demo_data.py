@@ -19,16 +19,15 @@ paths under --output.
 """
 import json
 import os
-import sys
 import time
-from os.path import abspath, dirname, exists, join
+from os.path import exists, join
 
 import numpy as np
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import ImgDbWriter, write_txt_db  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, ConfigError, Range, make_parser  # noqa: E402
+from data.db import ImgDbWriter, write_txt_db
+from scripts.repo import ROOT
+from utils.cli import run
+from utils.config import POSITIVE, ConfigError, Range, make_parser
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -140,8 +139,7 @@ class World:
 def write_train_config(output, path=None, **overrides):
     """config/train-itm-demo.json with its demo/ paths under ``output`` (written to ``path``,
     by default output/train-itm-demo.json): the demo trains wherever its data is."""
-    root = dirname(dirname(abspath(__file__)))
-    with open(join(root, "config", "train-itm-demo.json")) as f:
+    with open(join(ROOT, "config", "train-itm-demo.json")) as f:
         config = json.load(f)
 
     def moved(value):

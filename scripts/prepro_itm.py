@@ -13,15 +13,13 @@ COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change
 """
 import os
 import re
-import sys
-from os.path import abspath, dirname, exists, join
+from os.path import exists, join
 
 from tqdm import tqdm
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import DataError, write_txt_db  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, load_json, make_parser  # noqa: E402
+from data.db import DataError, write_txt_db
+from utils.cli import run
+from utils.config import ConfigError, load_json, make_parser
 
 DEFAULT_FNAME = {"flickr30k": "flickr30k_{stem:012d}.npz", "coco": "coco_{filepath}_{cocoid:012d}.npz"}
 SPLITS = {"flickr30k": ("train", "val", "test"), "coco": ("train", "restval", "val", "test")}

@@ -14,14 +14,12 @@ ex_0_img_0.npz.
 """
 import json
 import os
-import sys
-from os.path import abspath, dirname, join
+from os.path import join
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data.db import DataError, write_txt_db  # noqa: E402
-from prepro_itm import build_meta, caption_value  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, make_parser  # noqa: E402
+from data.db import DataError, write_txt_db
+from scripts.prepro_itm import build_meta, caption_value
+from utils.cli import run
+from utils.config import ConfigError, make_parser
 
 FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1")
 DB_NAME = "itm_winoground.db"

@@ -10,19 +10,14 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-import sys
-from os.path import abspath, dirname
 
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, load_json, make_parser  # noqa: E402
-from utils.isd import layer_attention_blocks  # noqa: E402
-
-sys.path.insert(0, dirname(abspath(__file__)))
-from isd import add_split_args, open_split, pair_batch  # noqa: E402
+from data import DataError
+from utils.cli import run
+from utils.config import ConfigError, load_json, make_parser
+from utils.isd import layer_attention_blocks
+from scripts.isd import add_split_args, open_split, pair_batch
 
 
 def token_names(ids, vocab_path):
