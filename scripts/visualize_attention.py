@@ -14,10 +14,11 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 import torch
 
 from data import DataError
+from scripts.checkpoint_split import open_split, split_parser
+from scripts.isd import pair_batch
 from utils.cli import run
-from utils.config import ConfigError, load_json, make_parser
+from utils.config import ConfigError, load_json
 from utils.isd import layer_attention_blocks
-from scripts.isd import add_split_args, open_split, pair_batch
 
 
 def token_names(ids, vocab_path):
@@ -35,8 +36,7 @@ def token_names(ids, vocab_path):
 
 
 def build_parser():
-    p = make_parser(__doc__.split("\n")[0])
-    add_split_args(p)
+    p = split_parser(__doc__.split("\n")[0])
     p.add_argument("--txt_id", required=True, help="text id of the pair (its image is the matched one)")
     p.add_argument("--output", required=True, help="PNG file")
     p.add_argument("--layer", type=int, default=-1, help="layer to show (default: the last, where IAIS acts)")
