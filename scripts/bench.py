@@ -43,7 +43,7 @@ from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,
                   itm_rank_hn_collate, pad_tensors, write_txt_db)
 from data.itm import box_position_features
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg
-from scripts.bench_original import check_checkout
+from scripts.original_checkout import check_checkout
 from scripts.repo import child_env
 from scripts.timing import rate
 

@@ -18,8 +18,9 @@ import os
 import random
 import sys
 import tempfile
-from os.path import abspath, exists, join
+from os.path import abspath, join
 
+from scripts.original_checkout import ORIGINAL_MODULES, check_checkout
 from scripts.timing import rate
 
 STAND_INS = {
@@ -44,17 +45,6 @@ TOOLZ = {
                   "        chunk = tuple(itertools.islice(it, n))\n        if not chunk:\n            return\n"
                   "        yield chunk\n",
 }
-ORIGINAL_MODULES = ("data/data.py", "data/itm.py", "data/sampler.py", "model/model.py", "model/itm.py",
-                    "model/layer.py")
-
-
-def check_checkout(original_repo, prog="bench_original.py"):
-    missing = [m for m in ORIGINAL_MODULES if not exists(join(original_repo, m))]
-    if missing:
-        raise SystemExit(f"{prog}: error: --original_repo {original_repo} has no {missing[0]}; "
-                         "pass a checkout of lancopku/IAIS")
-
-
 def import_tree(original_repo):
     """A folder that imports as the original's ``data`` and ``model`` packages."""
     check_checkout(original_repo)

@@ -249,7 +249,8 @@ def test_original_benchmark_needs_a_checkout(tmp_path):
 def test_original_benchmark_stand_ins(tmp_path):
     """The folder the original is imported from: its modules unchanged (linked), and
     stand-ins for what it imports but cannot run with today, behaving as those did."""
-    from scripts.bench_original import ORIGINAL_MODULES, TOOLZ, import_tree
+    from scripts.bench_original import TOOLZ, import_tree
+    from scripts.original_checkout import ORIGINAL_MODULES
     checkout = tmp_path / "IAIS"
     for m in ORIGINAL_MODULES:
         (checkout / m).parent.mkdir(parents=True, exist_ok=True)
