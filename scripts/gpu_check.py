@@ -96,7 +96,7 @@ def run_demo(log, work, steps, timeout, images=(1000, 100, 100)):
     rc, _ = log.command([sys.executable, "scripts/make_demo_data.py", "--output", demo, *sizes], timeout)
     if rc:
         return {**out, "error": "make_demo_data.py failed (see the log)"}
-    from scripts.make_demo_data import write_train_config
+    from scripts.demo_config import write_train_config
     cfg = join(work, "train-itm-demo.json")
     config = write_train_config(demo, cfg, num_train_steps=steps, valid_steps=steps, warmup_steps=max(1, steps // 10),
                                 n_workers=2, pin_mem=True, inf_minibatch_size=min(100, *images[1:]))
