@@ -48,7 +48,7 @@ $(VENV)/.repo-path: $(VENV)/.runtime
 	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/iais-repository.pth"
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.repo-path requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -r requirements-dev.txt
 	touch $@
 
@@ -88,10 +88,10 @@ demo: $(VENV)/.repo-path $(DEMO_DIR)/train-itm-demo.json
 	$(PY) scripts/retrieval_metrics.py $(DEMO_OUT)/eval_test/score_matrix.pt \
 		--groups $(DEMO_DIR)/annotations/groups_test.json --output $(DEMO_OUT)/eval_test/metrics.json
 
-test: $(VENV)/.dev $(VENV)/.horovod
+test: $(VENV)/.dev $(VENV)/.horovod $(VENV)/.repo-path
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev $(VENV)/.repo-path
 	$(PY) scripts/bench.py --output bench_out/bench.json $(if $(ORIGINAL),--original_repo $(ORIGINAL))
 
 # The GPU check runs with .venv when there is one, else with python3 (e.g. the PyTorch of a
