@@ -25,3 +25,5 @@ RUN grep -v '^torch[=<>~ ]' /tmp/setup/requirements.lock > /tmp/setup/requiremen
 
 COPY . /src
 WORKDIR /src
+# the scripts (python scripts/x.py) import the repository's packages from /src, the copy or the mount
+ENV PYTHONPATH=/src${PYTHONPATH:+:${PYTHONPATH}}

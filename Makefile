@@ -41,6 +41,13 @@ $(VENV)/.runtime: $(REQUIREMENTS)
 	$(PIP) install -r $(VENV)/requirements-without-torch.txt
 	touch $@
 
+# `python scripts/x.py` imports the repository's packages (data, model, utils, scripts): a .pth
+# file in the venv's site-packages puts the repository root on its path. Nothing is built or
+# downloaded for that, so it works offline.
+$(VENV)/.repo-path: $(VENV)/.runtime
+	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/iais-repository.pth"
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -r requirements-dev.txt
 	touch $@
@@ -49,7 +56,7 @@ $(VENV)/.horovod: $(VENV)/.runtime scripts/install_horovod.sh
 	bash scripts/install_horovod.sh $(PY)
 	touch $@
 
-venv: $(VENV)/.runtime
+venv: $(VENV)/.repo-path
 dev: $(VENV)/.dev
 horovod: $(VENV)/.horovod
 
@@ -69,10 +76,10 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 # the demo's training config with its paths under DEMO_DIR, written by make_demo_data.py
-$(DEMO_DIR)/train-itm-demo.json: | $(VENV)/.runtime
+$(DEMO_DIR)/train-itm-demo.json: | $(VENV)/.repo-path
 	$(PY) scripts/make_demo_data.py --output $(DEMO_DIR)
 
-demo: $(VENV)/.runtime $(DEMO_DIR)/train-itm-demo.json
+demo: $(VENV)/.repo-path $(DEMO_DIR)/train-itm-demo.json
 	rm -rf $(DEMO_OUT)
 	$(PY) train_itm_hard_negatives.py --config $(DEMO_DIR)/train-itm-demo.json --output_dir $(DEMO_OUT) --IAIS singular
 	$(PY) inf_itm.py --txt_db $(DEMO_DIR)/txt_db/itm_demo_test.db --img_db $(DEMO_DIR)/img_db/demo \
@@ -81,18 +88,18 @@ demo: $(VENV)/.runtime $(DEMO_DIR)/train-itm-demo.json
 	$(PY) scripts/retrieval_metrics.py $(DEMO_OUT)/eval_test/score_matrix.pt \
 		--groups $(DEMO_DIR)/annotations/groups_test.json --output $(DEMO_OUT)/eval_test/metrics.json
 
-test: $(VENV)/.dev $(VENV)/.horovod
+test: $(VENV)/.dev $(VENV)/.horovod $(VENV)/.repo-path
 	$(PY) -m pytest -q tests
 
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev $(VENV)/.repo-path
 	$(PY) scripts/bench.py --output bench_out/bench.json $(if $(ORIGINAL),--original_repo $(ORIGINAL))
 
 # The GPU check runs with .venv when there is one, else with python3 (e.g. the PyTorch of a
-# CUDA image, which the check uses as it is).
+# CUDA image, which the check uses as it is); as a module, so that either finds the repository.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 GPU_CHECK_OUT ?= gpu_check_out
 gpu-check:
-	$(GPU_PY) scripts/gpu_check.py --output $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS))
+	$(GPU_PY) -m scripts.gpu_check --output $(GPU_CHECK_OUT) $(if $(WHEELS),--wheels $(WHEELS))
 
 # Wheels of the packages a CUDA PyTorch image usually lacks, for an offline machine running
 # Python $(WHEEL_PYTHON) on x86-64 Linux.

@@ -38,14 +38,14 @@ import msgpack
 import numpy as np
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,  # noqa: E402
+from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,
                   ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb,
                   itm_rank_hn_collate, pad_tensors, write_txt_db)
-from data.batch import box_position_features  # noqa: E402
-from model import UniterConfig, UniterForImageTextRetrievalHardNeg  # noqa: E402
-from bench_original import check_checkout  # noqa: E402
-from timing import rate  # noqa: E402
+from data.batch import box_position_features
+from model import UniterConfig, UniterForImageTextRetrievalHardNeg
+from scripts.original_checkout import check_checkout
+from scripts.repo import child_env
+from scripts.timing import rate
 
 
 def make_bench_db(root, n_images, seed=0):
@@ -233,7 +233,8 @@ def bench_original(root, original_repo, min_time, results):
     script = join(dirname(abspath(__file__)), "bench_original.py")
     res = subprocess.run([sys.executable, script, "--original_repo", original_repo, "--data", root,
                           "--weights", weights, "--scores", scores, "--output", output,
-                          "--min_time", str(min_time)], capture_output=True, text=True)
+                          "--min_time", str(min_time)], capture_output=True, text=True,
+                         env=child_env())
     if res.returncode != 0:
         lines = res.stderr.strip().splitlines() or ["no output"]
         raise SystemExit(f"bench.py: error: the original code failed on the benchmark: {lines[-1]}")
@@ -284,7 +285,7 @@ def main():
     if opts.gpu:
         if not torch.cuda.is_available():
             raise SystemExit("bench.py: error: --gpu given but torch sees no CUDA device")
-        from bench_device import bench_device, bench_evaluation, peak_tflops_of, training_stream
+        from scripts.bench_device import bench_device, bench_evaluation, peak_tflops_of, training_stream
         device = torch.device("cuda")
         peak = opts.peak_tflops or peak_tflops_of(torch.cuda.get_device_name())
         config = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))

@@ -7,11 +7,11 @@ import time
 import numpy as np
 import torch
 
-from bench import fed_loop, open_bench_dbs, train_loss, use_fast_paths
+from scripts.bench import fed_loop, open_bench_dbs, train_loss, use_fast_paths
 from data import (ItmEvalDataset, ItmRankDatasetHardNegFromText, PrefetchLoader, ResumableStream,
                   itm_eval_collate, itm_rank_hn_collate, make_loader)
 from model import UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
-from timing import rate
+from scripts.timing import rate
 from engine.evaluation import inference
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, by a part of the device name (first match)
@@ -48,14 +48,9 @@ def _seeded_model(cls, config, device, **kwargs):
     return cls(config, 2048, **kwargs).to(device)
 
 
-def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60, peak_tflops=None,
-                 stream=None):
-    """UNITER scoring (``n`` pairs, no grad) and a hard-negative training step with IAIS
-    (score ``n``, train ``hard`` + 1) on ``device`` under bf16 and fp16 autocast, with model
-    FLOP utilisation when ``peak_tflops`` is given; with a text-side IAIS training ``stream``
-    (batches on ``device``), the bf16 training step fed by it and how long it waits for it."""
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    sync = _sync(device)
+def _synthetic_batch(config, device, n, txt_len, num_bb):
+    """One caption of ``txt_len`` tokens against ``n`` images of ``num_bb`` boxes (random,
+    seeded), in the padded layout with the masks IAIS reads."""
     g = torch.Generator().manual_seed(0)
     seq = txt_len + num_bb
     words = torch.arange(seq)[None].expand(n, -1)
@@ -66,7 +61,18 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
              "attn_masks": torch.ones(n, seq, dtype=torch.long), "gather_index": words.clone(),
              "txt_attn_masks": ((words >= 1) & (words < txt_len - 1)).long()[:1],
              "img_attn_masks": (words >= txt_len).long()[:1]}
-    batch = {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60, peak_tflops=None,
+                 stream=None):
+    """UNITER scoring (``n`` pairs, no grad) and a hard-negative training step with IAIS
+    (score ``n``, train ``hard`` + 1) on ``device`` under bf16 and fp16 autocast, with model
+    FLOP utilisation when ``peak_tflops`` is given; with a text-side IAIS training ``stream``
+    (batches on ``device``), the bf16 training step fed by it and how long it waits for it."""
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    sync = _sync(device)
+    batch = _synthetic_batch(config, device, n, txt_len, num_bb)
     iais_batch = {k: v for k, v in batch.items() if k != "gather_index"}
     flops = forward_flops_per_pair(config, txt_len, num_bb)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}

@@ -18,9 +18,10 @@ import os
 import random
 import sys
 import tempfile
-from os.path import abspath, exists, join
+from os.path import abspath, join
 
-from timing import rate
+from scripts.original_checkout import ORIGINAL_MODULES, check_checkout
+from scripts.timing import rate
 
 STAND_INS = {
     # FusedLayerNorm computes what nn.LayerNorm computes; the CUDA kernel is all apex adds
@@ -44,17 +45,6 @@ TOOLZ = {
                   "        chunk = tuple(itertools.islice(it, n))\n        if not chunk:\n            return\n"
                   "        yield chunk\n",
 }
-ORIGINAL_MODULES = ("data/data.py", "data/itm.py", "data/sampler.py", "model/model.py", "model/itm.py",
-                    "model/layer.py")
-
-
-def check_checkout(original_repo, prog="bench_original.py"):
-    missing = [m for m in ORIGINAL_MODULES if not exists(join(original_repo, m))]
-    if missing:
-        raise SystemExit(f"{prog}: error: --original_repo {original_repo} has no {missing[0]}; "
-                         "pass a checkout of lancopku/IAIS")
-
-
 def import_tree(original_repo):
     """A folder that imports as the original's ``data`` and ``model`` packages."""
     check_checkout(original_repo)
@@ -71,7 +61,7 @@ def import_tree(original_repo):
     return root
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--original_repo", required=True, help="a checkout of lancopku/IAIS")
     p.add_argument("--data", required=True, help="DBs written by scripts/bench.py (make_bench_db)")
@@ -79,43 +69,45 @@ def main():
     p.add_argument("--output", required=True, help="JSON results")
     p.add_argument("--scores", default=None, help="where to save the original's bench scores and losses")
     p.add_argument("--min_time", type=float, default=3.0, help="seconds per measurement")
-    opts = p.parse_args()
+    return p.parse_args()
 
-    sys.path.insert(0, import_tree(opts.original_repo))
-    import torch
-    from data.data import DetectFeatLmdb, TxtTokLmdb
+
+def dataset_rates(txt, img, min_time):
+    """The original datasets' rates: text- and image-side micro-batches, evaluation items."""
     from data.itm import ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
-    from model.itm import UniterForImageTextRetrievalHardNeg
-    from model.model import UniterConfig
-
-    torch.set_num_threads(os.cpu_count())
-    txt = TxtTokLmdb(join(opts.data, "txt"), 60)
-    img = DetectFeatLmdb(join(opts.data, "img"), 0.2, 100, 10, 36, False)
     text_side = ItmRankDatasetHardNegFromText(txt, img, 399)
     image_side = ItmRankDatasetHardNegFromImage(txt, img, 399)
     it = iter(range(10 ** 9))
-    out = {"original_text_side_micro_batches_per_s": rate(lambda: text_side[next(it) % len(text_side)],
-                                                          opts.min_time),
+    out = {"original_text_side_micro_batches_per_s": rate(lambda: text_side[next(it) % len(text_side)], min_time),
            "original_image_side_micro_batches_per_s": rate(lambda: image_side[next(it) % len(image_side)],
-                                                           opts.min_time)}
+                                                           min_time)}
     full = ItmEvalDataset(txt, img, 400)
-    out["original_eval_items_per_s"] = rate(lambda: full[next(it) % len(full)], opts.min_time)
+    out["original_eval_items_per_s"] = rate(lambda: full[next(it) % len(full)], min_time)
+    return out
 
+
+def model_rates(txt, img, weights, min_time):
+    """(the original model's scoring and training rates with the bench weights, its scores and
+    losses for bench.py to compare)."""
+    import torch
+    from data.itm import ItmRankDatasetHardNegFromText
+    from model.itm import UniterForImageTextRetrievalHardNeg
+    from model.model import UniterConfig
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=7)
-    model.load_state_dict(torch.load(opts.weights, weights_only=True))
+    model.load_state_dict(torch.load(weights, weights_only=True))
 
     def text_side_batch(seed, IAIS=False, index=0):
         random.seed(seed)
         return ItmRankDatasetHardNegFromText(txt, img, 63, IAIS)[index]
 
-    saved = {}
+    out, saved = {}, {}
     batch = text_side_batch(0)
     model.eval()
     with torch.no_grad():
         saved["eval_scores"] = model(batch, "t", compute_loss=False)
-        out["original_eval_pairs_per_s"] = 64 * rate(lambda: model(batch, "t", compute_loss=False), opts.min_time)
+        out["original_eval_pairs_per_s"] = 64 * rate(lambda: model(batch, "t", compute_loss=False), min_time)
     for iais in (False, "singular"):
         batch = text_side_batch(1, iais, 3)
         key = "iais" if iais else "plain_loss"
@@ -129,7 +121,25 @@ def main():
             return loss
 
         saved[f"train_{key}_loss"] = step().detach()
-        out[f"original_train_{key}_steps_per_s"] = rate(step, opts.min_time)
+        out[f"original_train_{key}_steps_per_s"] = rate(step, min_time)
+    return out, saved
+
+
+def main():
+    opts = parse_args()
+    # The original's modules import each other and their stand-ins as top-level packages
+    # (data, model, apex, horovod, ...), so its tree must come first on the import path. That
+    # is why this runs in a process of its own, which imports no data or model of this project.
+    sys.path.insert(0, import_tree(opts.original_repo))
+    import torch
+    from data.data import DetectFeatLmdb, TxtTokLmdb
+
+    torch.set_num_threads(os.cpu_count())
+    txt = TxtTokLmdb(join(opts.data, "txt"), 60)
+    img = DetectFeatLmdb(join(opts.data, "img"), 0.2, 100, 10, 36, False)
+    out = dataset_rates(txt, img, opts.min_time)
+    rates, saved = model_rates(txt, img, opts.weights, opts.min_time)
+    out.update(rates)
     if opts.scores:
         torch.save(saved, opts.scores)
     with open(opts.output, "w") as f:

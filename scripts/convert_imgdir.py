@@ -10,18 +10,16 @@ different lengths, non-finite values) are skipped and listed at the end.
 """
 import glob
 import multiprocessing as mp
-import sys
 from functools import partial
-from os.path import abspath, basename, dirname, isdir, join
+from os.path import basename, isdir, join
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError, ImgDbWriter, compute_num_bb  # noqa: E402
-from model import IMG_DIM  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, add_box_selection_args, make_parser  # noqa: E402
+from data import DataError, ImgDbWriter, compute_num_bb
+from model import IMG_DIM
+from utils.cli import run
+from utils.config import POSITIVE, add_box_selection_args, make_parser
 
 ARRAYS = ("features", "norm_bb", "conf", "soft_labels")
 

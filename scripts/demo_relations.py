@@ -19,16 +19,15 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from os.path import abspath, dirname, exists, join
+from os.path import exists, join
 
 import numpy as np
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from utils.retrieval_metrics import (group_indices, paired_p_value, percentile_interval,  # noqa: E402
+from scripts.repo import ROOT, child_env
+from utils.retrieval_metrics import (group_indices, paired_p_value, percentile_interval,
                                      winoground_outcomes, winoground_summary)
 
-ROOT = dirname(dirname(abspath(__file__)))
 # name: (folder, training flags)
 VARIANTS = {"baseline (original masks)": ("baseline-original-masks", []),
             "baseline (fixed masks)": ("baseline-fixed-masks", ["--fix_image_side_masks"]),
@@ -75,7 +74,7 @@ def paired_bootstrap(runs, other_runs, n_boot=2000, seed=0):
 def run_one(demo, out, variant_flags, seed, steps, log):
     """Train, evaluate and measure the ISD of one (variant, seed); skipped when done before."""
     ckpt = join(out, "train", "ckpt", f"model_step_{steps}.pt")
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1"}
+    env = child_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), TQDM_DISABLE="1")
     config = join(demo, "train-itm-demo.json")
     test = {"txt_db": join(demo, "txt_db", "itm_demo_test.db"), "img_db": join(demo, "img_db", "demo")}
     commands = []

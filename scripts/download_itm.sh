@@ -11,4 +11,7 @@
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 command -v "$PYTHON" >/dev/null || { echo "download_itm.sh: $PYTHON not found; install Python 3 or set PYTHON" >&2; exit 2; }
-exec "$PYTHON" "$(dirname "${BASH_SOURCE[0]}")/download_itm.py" "$@"
+# download_itm.py imports its parts from the package scripts.download of this repository
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+exec "$PYTHON" "$ROOT/scripts/download_itm.py" "$@"

@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from os.path import abspath, dirname, join
+from os.path import join
 
-ROOT = dirname(dirname(abspath(__file__)))
+from scripts.repo import ROOT, child_env
+
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the log; read when tqdm is imported
 # what the check imports, by module and pip name: a CUDA PyTorch image often lacks the first three
 NEEDED = {"lmdb": "lmdb", "lz4": "lz4", "msgpack": "msgpack", "numpy": "numpy", "tqdm": "tqdm",
@@ -67,7 +68,7 @@ class Log:
         self.file.flush()
         try:
             res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                 env=child_env(PYTHONUNBUFFERED="1", **(env or {})))
             rc, output = res.returncode, res.stdout + res.stderr
         except subprocess.TimeoutExpired as e:
             partial = [s.decode(errors="replace") if isinstance(s, bytes) else s for s in (e.stdout, e.stderr) if s]
@@ -95,7 +96,7 @@ def run_demo(log, work, steps, timeout, images=(1000, 100, 100)):
     rc, _ = log.command([sys.executable, "scripts/make_demo_data.py", "--output", demo, *sizes], timeout)
     if rc:
         return {**out, "error": "make_demo_data.py failed (see the log)"}
-    from make_demo_data import write_train_config
+    from scripts.demo_config import write_train_config
     cfg = join(work, "train-itm-demo.json")
     config = write_train_config(demo, cfg, num_train_steps=steps, valid_steps=steps, warmup_steps=max(1, steps // 10),
                                 n_workers=2, pin_mem=True, inf_minibatch_size=min(100, *images[1:]))
@@ -133,8 +134,8 @@ def targets(results):
 
 def device_benchmarks(log, work, cuda, min_time, peak):
     import torch
-    from bench import make_bench_db
-    from bench_device import bench_device, bench_evaluation, training_stream
+    from scripts.bench import make_bench_db
+    from scripts.bench_device import bench_device, bench_evaluation, training_stream
     from model import UniterConfig
     device = torch.device("cuda" if cuda else "cpu")
     # the CPU branch runs the same code with the demo-size model and few pairs
@@ -167,9 +168,8 @@ def main():
     p.add_argument("--skip_tests", action="store_true", help="do not run the CUDA tests")
     opts = p.parse_args()
     ensure_packages(opts.wheels)
-    sys.path.insert(0, ROOT)
     import torch
-    from bench_device import peak_tflops_of
+    from scripts.bench_device import peak_tflops_of
 
     os.makedirs(opts.output, exist_ok=True)
     log = Log(join(opts.output, "gpu_check.log"))

@@ -13,20 +13,17 @@ order (see scripts/examples/isda_annotations.json).
 """
 import json
 import os
-import sys
-from os.path import abspath, dirname, join
+from os.path import join
 
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError, DetectFeatLmdb, ItmRankDatasetHardNegFromText, TxtTokLmdb  # noqa: E402
-from data.batch import padded_layout_masks  # noqa: E402
-from model import IMG_DIM, UniterForImageTextRetrieval  # noqa: E402
-from model.iais import VARIANTS  # noqa: E402
-from utils.checks import check_split, load_model  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, ConfigError, add_box_args, load_json, make_parser  # noqa: E402
-from utils.isd import annotated_isd, layer_attention_blocks, pair_isd  # noqa: E402
+from data import DataError
+from data.batch import padded_layout_masks
+from model.iais import VARIANTS
+from scripts.checkpoint_split import open_split, split_parser
+from utils.cli import run
+from utils.config import POSITIVE, ConfigError, load_json
+from utils.isd import annotated_isd, layer_attention_blocks, pair_isd
 
 
 def pair_batch(dataset, i):
@@ -39,25 +36,6 @@ def pair_batch(dataset, i):
     return txt_id, {"input_ids": input_ids, "position_ids": torch.arange(tl)[None], "img_feat": feat[None],
                     "img_pos_feat": pos[None], "attn_masks": attn, "txt_attn_masks": words,
                     "img_attn_masks": boxes}, tl - 2, nbb
-
-
-def add_split_args(parser):
-    """Flags naming a split and a model (shared with visualize_attention.py)."""
-    for flag in ("--txt_db", "--img_db", "--checkpoint", "--model_config"):
-        parser.add_argument(flag, required=True)
-    parser.add_argument("--allow_random_init", action="store_true",
-                        help="accept a checkpoint that leaves part of the model at random initialisation")
-    add_box_args(parser)
-
-
-def open_split(opts):
-    """(matched-pair dataset, model in eval mode) from the add_split_args flags."""
-    txt_db = TxtTokLmdb(opts.txt_db, -1)
-    img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
-    model, _ = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint, opts.allow_random_init,
-                          img_dim=IMG_DIM, pairs_num=1)
-    check_split(txt_db, img_db, model.config, IMG_DIM)
-    return ItmRankDatasetHardNegFromText(txt_db, img_db, 1), model.eval()
 
 
 def read_annotations(path):
@@ -101,8 +79,7 @@ def plot(isd, path, title):
 
 
 def build_parser():
-    p = make_parser(__doc__.split("\n")[0])
-    add_split_args(p)
+    p = split_parser(__doc__.split("\n")[0])
     p.add_argument("--output", required=True, help="folder for isd.json and isd.png")
     p.add_argument("--annotations", default=None, help="phrase-to-box alignments (JSON) for ISDa")
     p.add_argument("--max_pairs", type=int, default=1000, valid=POSITIVE, help="matched pairs to average over")

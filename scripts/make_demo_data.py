@@ -19,16 +19,15 @@ paths under --output.
 """
 import json
 import os
-import sys
 import time
-from os.path import abspath, dirname, exists, join
+from os.path import exists, join
 
 import numpy as np
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import ImgDbWriter, write_txt_db  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import POSITIVE, ConfigError, Range, make_parser  # noqa: E402
+from data import ImgDbWriter, write_txt_db
+from scripts.demo_config import write_train_config
+from utils.cli import run
+from utils.config import POSITIVE, ConfigError, Range, make_parser
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -135,26 +134,6 @@ class World:
             if all(relation(cells[a], cells[b]) != relation(new[a], new[b])
                    for a in range(3) for b in range(a + 1, 3)):
                 return new
-
-
-def write_train_config(output, path=None, **overrides):
-    """config/train-itm-demo.json with its demo/ paths under ``output`` (written to ``path``,
-    by default output/train-itm-demo.json): the demo trains wherever its data is."""
-    root = dirname(dirname(abspath(__file__)))
-    with open(join(root, "config", "train-itm-demo.json")) as f:
-        config = json.load(f)
-
-    def moved(value):
-        if isinstance(value, list):
-            return [moved(v) for v in value]
-        if isinstance(value, str) and value.startswith("demo/"):
-            return join(output, value[len("demo/"):])
-        return value
-
-    config = {**{k: moved(v) for k, v in config.items()}, **overrides}
-    with open(path or join(output, "train-itm-demo.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return config
 
 
 def build(output, n_train, n_val, n_test, seed, twins=1.0, nouns=8, background=0, conf_th=0.2, max_bb=100,

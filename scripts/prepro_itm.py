@@ -13,35 +13,17 @@ COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change
 """
 import os
 import re
-import sys
-from os.path import abspath, dirname, exists, join
+from os.path import exists, join
 
 from tqdm import tqdm
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError, write_txt_db  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, load_json, make_parser  # noqa: E402
+from data import DataError, write_txt_db
+from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer
+from utils.cli import run
+from utils.config import ConfigError, load_json, make_parser
 
 DEFAULT_FNAME = {"flickr30k": "flickr30k_{stem:012d}.npz", "coco": "coco_{filepath}_{cocoid:012d}.npz"}
 SPLITS = {"flickr30k": ("train", "val", "test"), "coco": ("train", "restval", "val", "test")}
-
-
-def build_meta(tokenizer, toker_name, vocab_path):
-    vocab = tokenizer.vocab
-    lacking = [k for k in ("UNK", "CLS", "SEP", "MASK") if f"[{k}]" not in vocab]
-    if lacking:
-        raise DataError(f"--vocab {vocab_path} has no [{lacking[0]}] token; pass a BERT WordPiece vocab file")
-    ids = {k: vocab[f"[{k}]"] for k in ("UNK", "CLS", "SEP", "MASK")}
-    first_word = next(i for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])
-                      if i > ids["MASK"] and not re.fullmatch(r"\[.*\]", tok))
-    return {**ids, "v_range": [first_word, len(vocab)], "toker": toker_name}
-
-
-def caption_value(tokenizer, raw, txt_id, img_fname):
-    """A txt_db value: the caption's WordPiece ids and the name of its image."""
-    ids = tokenizer.convert_tokens_to_ids(tokenizer.tokenize(raw))
-    return {"input_ids": ids, "img_fname": img_fname, "raw": raw, "id": txt_id}
 
 
 def image_fields(img, dataset):
@@ -56,10 +38,8 @@ def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
     a("--annotation", required=True, help="Karpathy-split JSON")
-    a("--vocab", required=True, help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
+    add_tokenizer_args(p)
     a("--output", required=True, help="folder for the txt_dbs")
-    a("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
-    a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
     a("--img_fname", default=None, help="img_fname template (see above)")
     a("--dataset", choices=sorted(SPLITS), default=None, help="dataset name (default: the JSON's 'dataset' field)")
     return p
@@ -93,10 +73,7 @@ def main(opts):
     for path in (opts.annotation, opts.vocab):
         if not exists(path):
             raise DataError(f"{path} not found")
-    try:
-        from pytorch_pretrained_bert import BertTokenizer
-    except ImportError:
-        raise ConfigError("the tokenizer package is missing: pip install -r requirements.txt") from None
+    tokenizer = load_tokenizer(opts)
     ann, images = read_annotation(opts.annotation)
     dataset = opts.dataset or ann.get("dataset")
     if dataset not in SPLITS:
@@ -106,7 +83,6 @@ def main(opts):
     taken = [d for d in db_dirs.values() if exists(join(d, "data.mdb"))]
     if taken:  # refused before any split is written, so no set of DBs is left half new
         raise DataError(f"{taken[0]} already holds an LMDB; remove it or choose another --output")
-    tokenizer = BertTokenizer(opts.vocab, do_lower_case=opts.uncased)
     meta = build_meta(tokenizer, opts.toker, opts.vocab)
 
     splits = {s: {} for s in SPLITS[dataset]}

@@ -14,14 +14,12 @@ ex_0_img_0.npz.
 """
 import json
 import os
-import sys
-from os.path import abspath, dirname, join
+from os.path import join
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError, write_txt_db  # noqa: E402
-from prepro_itm import build_meta, caption_value  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, make_parser  # noqa: E402
+from data import DataError, write_txt_db
+from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer
+from utils.cli import run
+from utils.config import ConfigError, make_parser
 
 FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1")
 DB_NAME = "itm_winoground.db"
@@ -32,10 +30,8 @@ def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
     a("--examples", default=None, help="Winoground's examples.jsonl")
-    a("--vocab", default=None, help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
+    add_tokenizer_args(p, vocab_required=False)
     a("--output", default=None, help="folder for the txt_db and the groups file")
-    a("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
-    a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
     a("--img_fname", default="{image}.npz", help="img_fname template of an image ({image}: its name)")
     return p
 
@@ -89,9 +85,8 @@ def main(opts):
         opts.img_fname.format(image="ex_0_img_0")
     except (KeyError, IndexError, ValueError):
         raise ConfigError(f"--img_fname {opts.img_fname!r} may only use the field {{image}}") from None
-    from pytorch_pretrained_bert import BertTokenizer
+    tokenizer = load_tokenizer(opts)
     examples = read_examples(opts.examples)
-    tokenizer = BertTokenizer(opts.vocab, do_lower_case=opts.uncased)
     captions, groups = captions_and_groups(examples, tokenizer, opts.img_fname)
     os.makedirs(opts.output, exist_ok=True)
     db_dir = join(opts.output, DB_NAME)

@@ -18,18 +18,15 @@ image and group scores of Thrush et al. 2022 over a JSON list of
 {caption_0, caption_1, image_0, image_1} text and image ids, and their number n).
 """
 import json
-import sys
-from os.path import abspath, dirname
 
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, make_parser  # noqa: E402
-from engine.evaluation import add_counting_arg  # noqa: E402
-from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,  # noqa: E402
+from data import DataError
+from utils.checkpoint import load_checkpoint
+from utils.cli import run
+from utils.config import ConfigError, make_parser
+from engine.evaluation import add_counting_arg
+from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,
                                      fold_metrics, gt_image_index, metrics_from_ranks, paired_comparison,
                                      group_indices, query_hits, query_ranks, winoground_scores)
 

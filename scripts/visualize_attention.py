@@ -10,19 +10,15 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-import sys
-from os.path import abspath, dirname
 
 import torch
 
-sys.path.insert(0, dirname(dirname(abspath(__file__))))
-from data import DataError  # noqa: E402
-from utils.cli import run  # noqa: E402
-from utils.config import ConfigError, load_json, make_parser  # noqa: E402
-from utils.isd import layer_attention_blocks  # noqa: E402
-
-sys.path.insert(0, dirname(abspath(__file__)))
-from isd import add_split_args, open_split, pair_batch  # noqa: E402
+from data import DataError
+from scripts.checkpoint_split import open_split, split_parser
+from scripts.isd import pair_batch
+from utils.cli import run
+from utils.config import ConfigError, load_json
+from utils.isd import layer_attention_blocks
 
 
 def token_names(ids, vocab_path):
@@ -40,8 +36,7 @@ def token_names(ids, vocab_path):
 
 
 def build_parser():
-    p = make_parser(__doc__.split("\n")[0])
-    add_split_args(p)
+    p = split_parser(__doc__.split("\n")[0])
     p.add_argument("--txt_id", required=True, help="text id of the pair (its image is the matched one)")
     p.add_argument("--output", required=True, help="PNG file")
     p.add_argument("--layer", type=int, default=-1, help="layer to show (default: the last, where IAIS acts)")

@@ -109,6 +109,16 @@ def test_image_installs_the_lock_ssh_and_the_build_tools():
     assert runs.index("requirements-without-torch.txt") < runs.index("install_horovod.sh")
 
 
+
+def test_the_scripts_find_the_repository_in_the_image():
+    """python scripts/x.py imports data, model, utils and scripts from /src, where the code is
+    copied (or mounted over by launch_container.sh), ahead of any PYTHONPATH of the base image."""
+    envs = [args for name, args in instructions() if name == "ENV"]
+    value = next(args.split("=", 1)[1] for args in envs if args.startswith("PYTHONPATH="))
+    assert re.match(r"/src(:|\$|$)", value), value
+    _, folders = in_image()
+    assert folders.get("/src") == ""  # the repository copied whole
+
 @pytest.mark.parametrize("path, left_out", [
     (".venv/bin/python", True), ("demo/txt_db/itm_demo_test.db/data.mdb", True), ("output/ckpt/model_step_1.pt", True),
     ("bench_out/bench.json", True), ("model/__pycache__/model.cpython-311.pyc", True), (".git/HEAD", True),

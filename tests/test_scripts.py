@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,11 +205,9 @@ def test_demo_captions_hold_and_twins_need_the_relation(tmp_path):
 def test_device_benchmark_runs_on_the_cpu(tmp_path):
     """The GPU benchmark's code path (scoring, training with IAIS, MFU, loader check) on
     the CPU with a tiny model, and its FLOPs per pair."""
-    import sys
     import torch
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench import make_bench_db, open_bench_dbs
-    from bench_device import bench_device, forward_flops_per_pair
+    from scripts.bench import make_bench_db, open_bench_dbs
+    from scripts.bench_device import bench_device, forward_flops_per_pair
     from conftest import TINY_CONFIG
     from data import ItmRankDatasetHardNegFromText, ResumableStream, itm_rank_hn_collate
     from model import UniterConfig
@@ -250,9 +249,8 @@ def test_original_benchmark_needs_a_checkout(tmp_path):
 def test_original_benchmark_stand_ins(tmp_path):
     """The folder the original is imported from: its modules unchanged (linked), and
     stand-ins for what it imports but cannot run with today, behaving as those did."""
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    from bench_original import ORIGINAL_MODULES, TOOLZ, import_tree
+    from scripts.bench_original import TOOLZ, import_tree
+    from scripts.original_checkout import ORIGINAL_MODULES
     checkout = tmp_path / "IAIS"
     for m in ORIGINAL_MODULES:
         (checkout / m).parent.mkdir(parents=True, exist_ok=True)
@@ -309,9 +307,7 @@ def test_gpu_check_takes_the_cpu_branch_and_finishes(tmp_path):
 
 
 def test_gpu_check_names_missing_packages(monkeypatch, tmp_path):
-    import sys
-    sys.path.insert(0, os.path.join(ROOT, "scripts"))
-    import gpu_check
+    from scripts import gpu_check
     monkeypatch.setitem(gpu_check.NEEDED, "no_such_module_for_the_check", "no-such-package")
     with pytest.raises(SystemExit) as e:
         gpu_check.ensure_packages(str(tmp_path))  # an empty wheel folder does not have it either

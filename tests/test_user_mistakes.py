@@ -45,7 +45,7 @@ def _end_of_process():
 def entry(module, argv, monkeypatch, capsys):
     """(exit status, stderr) of an entry point run with ``argv``."""
     mod = importlib.import_module(module)
-    monkeypatch.setattr(sys, "argv", [f"{module}.py"] + [str(a) for a in argv])
+    monkeypatch.setattr(sys, "argv", [f"{module.rsplit('.', 1)[-1]}.py"] + [str(a) for a in argv])
     with pytest.raises(SystemExit) as exited:
         cli.run(mod.main, mod.build_parser(), getattr(mod, "CONFIG_ONLY_KEYS", {}))
     _end_of_process()
@@ -577,11 +577,6 @@ def test_every_rank_stops_with_the_same_line(tmp_path):
 
 # ----------------------------------------------------------------------------- scripts
 
-@pytest.fixture
-def scripts_path(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(TINY_CONFIG), "..", "..", "..", "scripts"))
-
-
 def _npz(path, n=12, dim=2048, **changes):
     rng = np.random.default_rng(0)
     arrays = {"features": rng.random((n, dim), dtype=np.float32), "norm_bb": rng.random((n, 6), dtype=np.float32),
@@ -591,7 +586,7 @@ def _npz(path, n=12, dim=2048, **changes):
     np.savez(path, **arrays)
 
 
-def test_convert_imgdir_skips_what_the_model_cannot_take(tmp_path, monkeypatch, capsys, scripts_path):
+def test_convert_imgdir_skips_what_the_model_cannot_take(tmp_path, monkeypatch, capsys):
     from data import DetectFeatLmdb
     src = tmp_path / "feats"
     src.mkdir()
@@ -605,7 +600,7 @@ def test_convert_imgdir_skips_what_the_model_cannot_take(tmp_path, monkeypatch, 
            "flat_boxes.npz": {"norm_bb": np.zeros((12, 4), np.float32)}}
     for name, changes in bad.items():
         _npz(src / name, **changes)
-    mod = importlib.import_module("convert_imgdir")
+    mod = importlib.import_module("scripts.convert_imgdir")
     argv = ["--img_dir", str(src), "--output", str(tmp_path / "out"), "--nproc", "1", "--min_bb", "0"]
     monkeypatch.setattr(sys, "argv", ["convert_imgdir.py"] + argv)
     cli.run(mod.main, mod.build_parser())
@@ -685,11 +680,11 @@ def _split_argv(tmp_path, **flags):
 
 @pytest.mark.parametrize("script,argv,needles", SCRIPT_CASES,
                          ids=[f"{c[0]}-{k}" for k, c in enumerate(SCRIPT_CASES)])
-def test_scripts_refuse(tmp_path, monkeypatch, capsys, scripts_path, script, argv, needles):
+def test_scripts_refuse(tmp_path, monkeypatch, capsys, script, argv, needles):
     (tmp_path / "only_bad").mkdir()
     _npz(tmp_path / "only_bad" / "bad.npz", features=np.full((12, 2048), np.inf, np.float32))
     (tmp_path / "v.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog"]) + "\n")
-    code, err = entry(script, argv(tmp_path), monkeypatch, capsys)
+    code, err = entry(f"scripts.{script}", argv(tmp_path), monkeypatch, capsys)
     assert_one_line(code, err, *needles)
     assert not (tmp_path / "isd" / "isd.json").exists() and not (tmp_path / "a.png").exists()
 
