@@ -15,27 +15,12 @@ import json
 import os
 from os.path import join
 
-import torch
-
 from data import DataError
-from data.batch import padded_layout_masks
 from model.iais import VARIANTS
 from scripts.checkpoint_split import open_split, split_parser
 from utils.cli import run
 from utils.config import POSITIVE, ConfigError, load_json
 from utils.isd import annotated_isd, layer_attention_blocks, pair_isd
-
-
-def pair_batch(dataset, i):
-    """Caption i with its own image, in the padded layout with all-row masks."""
-    txt_id = dataset.ids[i]
-    input_ids = dataset.txt_db.combine_inputs(dataset.txt_db[txt_id]["input_ids"])[None]
-    feat, pos, nbb = dataset._get_img_feat(dataset.txt2img[txt_id])
-    tl = input_ids.size(1)
-    attn, words, boxes = padded_layout_masks([tl], [nbb])
-    return txt_id, {"input_ids": input_ids, "position_ids": torch.arange(tl)[None], "img_feat": feat[None],
-                    "img_pos_feat": pos[None], "attn_masks": attn, "txt_attn_masks": words,
-                    "img_attn_masks": boxes}, tl - 2, nbb
 
 
 def read_annotations(path):
@@ -94,7 +79,7 @@ def main(opts):
     isda = [[] for _ in range(n_layers)]
     n_pairs = min(opts.max_pairs, len(dataset))
     for i in range(n_pairs):
-        txt_id, batch, n_words, n_boxes = pair_batch(dataset, i)
+        txt_id, batch, n_words, n_boxes = dataset.pair_batch(i)
         for layer, blocks in enumerate(layer_attention_blocks(model, batch)):
             for v, d in pair_isd(blocks, 0, n_words, n_boxes).items():
                 sums[layer][v] += d

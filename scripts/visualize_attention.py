@@ -15,7 +15,6 @@ import torch
 
 from data import DataError
 from scripts.checkpoint_split import open_split, split_parser
-from scripts.isd import pair_batch
 from utils.cli import run
 from utils.config import ConfigError, load_json
 from utils.isd import layer_attention_blocks
@@ -52,7 +51,7 @@ def main(opts):
     if not -n_layers <= opts.layer < n_layers:
         raise ConfigError(f"--layer {opts.layer} is not a layer of the model ({n_layers} layers: "
                           f"0 to {n_layers - 1}, or -1 for the last)")
-    _, batch, n_words, n_boxes = pair_batch(dataset, dataset.ids.index(opts.txt_id))
+    _, batch, n_words, n_boxes = dataset.pair_batch(dataset.ids.index(opts.txt_id))
     txt, img, t2i, i2t = (b[0] for b in layer_attention_blocks(model, batch)[opts.layer])
     txt, img = txt[:n_words, :n_words], img[:n_boxes, :n_boxes]
     idx = t2i[:n_words].argmax(-1)

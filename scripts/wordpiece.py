@@ -3,7 +3,7 @@ flags, BERT's WordPiece tokenizer of a local vocab file, a txt_db's meta.json an
 value."""
 import re
 
-from data.db import DataError
+from data import DataError
 from utils.config import ConfigError
 
 
