@@ -23,7 +23,7 @@ from data import (DataError, WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRa
                   ItmRankDatasetHardNegFromText, ItmValDataset, PrefetchLoader, ResumableStream,
                   TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, itm_val_collate, make_loader)
 from data.groups import read_image_groups
-from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
+from model import IMG_DIM, IaisVariant, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
 from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
                               save_training_state)
@@ -209,11 +209,10 @@ def eval_loader(dataset, collate_fn, opts, device):
 
 def hard_batch_loss(model, batch, sample_from, variant, tsa, opts):
     """Loss of one hard batch: rank_loss / train_batch_size (+ IAIS loss * TSA weight)."""
-    out = model(batch, sample_from=sample_from, compute_loss=True, IAIS=variant)
-    if not variant:
-        return out.mean() / opts.train_batch_size, {}
-    rank_loss, losses = out
+    rank_loss, losses = model(batch, sample_from=sample_from, compute_loss=True, IAIS=variant)
     rank_loss = rank_loss.mean() / opts.train_batch_size
+    if variant is None:
+        return rank_loss, {}
     return rank_loss + losses["self_attn_loss"] * tsa, {"rank_loss": rank_loss, **losses}
 
 
@@ -295,16 +294,16 @@ def main(opts):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
+    variants = {"image": IaisVariant.of("V", opts.IAIS), "text": IaisVariant.of("L", opts.IAIS)}
     while global_step < opts.num_train_steps:
         tsa = tsa_weight(global_step, opts.num_train_steps).to(device)
         step_loss = 0.0
         for _ in range(opts.train_batch_size):
-            for side, sample_from, modality in (("image", "i", "V"), ("text", "t", "L")):
+            for side, sample_from in (("image", "i"), ("text", "t")):
                 batch = next(streams[side])
                 n_examples += batch["attn_masks"].size(0)
-                variant = f"{modality}-{opts.IAIS}" if opts.IAIS else False
                 with autocast(device, amp_dtype):
-                    loss, parts = hard_batch_loss(model, batch, sample_from, variant, tsa, opts)
+                    loss, parts = hard_batch_loss(model, batch, sample_from, variants[side], tsa, opts)
                 scaler.scale(loss).backward()
                 step_loss += loss.item()
                 running["loss"](loss.item())

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg
-from model.iais import attention_blocks, iais_loss, pair_loss
+from model.iais import IaisVariant, attention_blocks, iais_loss, pair_loss
 
 TXT = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.25, 0.25, 0.5]]
 IMG = [[0.7, 0.3], [0.4, 0.6]]
@@ -59,7 +59,7 @@ def test_hand_worked_three_words_two_boxes(variant):
     img = torch.zeros(3, 3, dtype=torch.float64); img[:2, :2] = t(IMG)
     t2i = torch.zeros(4, 3, dtype=torch.float64); t2i[:3, :2] = t(T2I)
     i2t = torch.zeros(3, 4, dtype=torch.float64); i2t[:2, :3] = t(I2T)
-    got = pair_loss(variant, txt, img, t2i, i2t, 3, 2)
+    got = pair_loss(IaisVariant.parse(variant), txt, img, t2i, i2t, 3, 2)
     assert got.item() == pytest.approx(EXPECTED[variant], rel=1e-12)
     assert EXPECTED[variant] > 0
 
@@ -69,7 +69,7 @@ def test_singular_alignment_is_zero_when_attentions_agree():
     softmax of equal values, i.e. uniform, so both KL terms vanish."""
     txt = torch.full((3, 3), 1 / 3)
     t2i = torch.tensor([[0.9, 0.1]] * 3)
-    loss = pair_loss("L-singular", txt, torch.tensor(IMG), t2i, torch.tensor(I2T), 3, 2)
+    loss = pair_loss(IaisVariant("L", "singular"), txt, torch.tensor(IMG), t2i, torch.tensor(I2T), 3, 2)
     assert loss.abs().item() < 1e-7
 
 
@@ -96,7 +96,7 @@ def test_fused_blocks_equal_the_four_pass_blocks():
 def test_gradcheck_loss_wrt_attention_scores(variant):
     scores, words, boxes, max_tl = _random_scores(1)
     scores.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda s: iais_loss(variant, s, words, boxes, max_tl), (scores,))
+    assert torch.autograd.gradcheck(lambda s: iais_loss(IaisVariant.parse(variant), s, words, boxes, max_tl), (scores,))
 
 
 def _tiny_model(dtype=torch.float32):
