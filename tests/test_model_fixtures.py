@@ -215,3 +215,23 @@ def test_keeping_every_negative_skips_the_scoring_pass(case, ref_model_state):
         torch.testing.assert_close(skipped[1]["self_attn_loss"], scored[1]["self_attn_loss"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(skipped[0].sort().values, scored[0].sort().values, rtol=1e-5, atol=1e-6)
 
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scoring_mode_restores_the_mode_also_after_an_error(training, ref_model_state):
+    model = tiny_hardneg(ref_model_state, True).train(training)
+    with pytest.raises(RuntimeError), scoring_mode(model):
+        assert not model.training and not torch.is_grad_enabled()
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("inside")
+    assert torch.is_grad_enabled()
+    assert all(m.training == training for m in model.modules())
+
+
+def test_fast_paths_are_fixed_at_construction(ref_model_state):
+    assert FastPaths() == FastPaths(fused_attention=True, length_buckets=32, first_token_only=True)
+    plain = tiny_hardneg(ref_model_state, False, length_buckets=0, first_token_only=False)
+    assert plain.fast_paths == FastPaths.original()
+    attention = [m for m in plain.modules() if hasattr(m, "fused_attention")]
+    assert len(attention) == 1 + 2 and not any(m.fused_attention for m in attention)  # encoder, 2 layers
+    with pytest.raises(ValueError, match="length_buckets"):
+        FastPaths(length_buckets=-1)
