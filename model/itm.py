@@ -73,7 +73,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
 
         batch: the dict the datasets produce (compact layout with ``gather_index``, or the
         padded layout of IAIS batches with ``txt_attn_masks``/``img_attn_masks``).
-        compute_loss: output is the ranking loss [groups, pairs_num - 1] of each negative,
+        compute_loss: output is the ranking loss [groups, sample_size - 1] of each negative
+        (groups of ``batch['sample_size']`` rows, the positive first),
         ``clamp(margin + sigmoid(s_neg) - sigmoid(s_pos), min=0)``; otherwise the raw
         scores [n, 1]. IAIS: False/None, one of 'L-singular', 'V-singular',
         'L-distributed', 'V-distributed', or an IaisVariant; with compute_loss, losses is
@@ -151,8 +152,9 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
         batch: one micro-batch, the positive first, then negatives sharing its text
         (sample_from='t') or its image ('i'); the shared side may come as one row.
         In training with compute_loss: every pair is scored in eval mode without
-        gradients, and output is the ranking loss [1, hard_size] of the positive against
-        the top ``hard_size`` negatives (with IAIS, losses holds its loss on them).
+        gradients (unless every negative is kept anyway), and output is the ranking loss
+        [1, hard_size] of the positive against the top ``hard_size`` negatives (with IAIS,
+        losses holds its loss on them).
         Otherwise output is as in the parent class on the whole batch, without IAIS (as
         in the original): losses is {}.
         """
