@@ -38,7 +38,7 @@ def inference(model, eval_loader):
     for i, mini_batches in enumerate(tqdm(eval_loader, desc="evaluation", disable=not is_main_process())):
         j = 0
         for batch in mini_batches:
-            s = model(batch, compute_loss=False).squeeze(1).float().cpu()
+            s = model(batch, compute_loss=False)[0].squeeze(1).float().cpu()
             scores[i, j:j + s.numel()] = s
             j += s.numel()
         assert j == scores.size(1)
@@ -80,7 +80,7 @@ def validate(model, val_loader):
     hits = torch.zeros(3)
     n = 0
     for batch in tqdm(val_loader, desc="validation", disable=not is_main_process()):
-        scores = model(batch, compute_loss=False).float().cpu().t()  # [1, candidates], the true image first
+        scores = model(batch, compute_loss=False)[0].float().cpu().t()  # [1, candidates], the true image first
         rank = int(text_query_ranks(scores, torch.zeros(1, dtype=torch.long)))
         hits += torch.tensor([rank <= k for k in KS], dtype=torch.float)
         n += 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.nn.utils import clip_grad_norm_
 
+from model import IaisVariant
 from utils import distributed as dist
 from utils.cli import TrainingError
 from utils.logger import LOGGER
@@ -22,18 +23,17 @@ SIDES = (("image", "i", "V"), ("text", "t", "L"))
 
 
 def iais_variants(alignment):
-    """{stream: IAIS variant} for ``alignment`` ('singular', 'distributed' or False: off)."""
-    return {side: f"{modality}-{alignment}" if alignment else False for side, _, modality in SIDES}
+    """{stream: IaisVariant or None} for ``alignment`` ('singular', 'distributed'; False: off)."""
+    return {side: IaisVariant.of(modality, alignment) for side, _, modality in SIDES}
 
 
 def hard_batch_loss(model, batch, sample_from, variant, tsa, micro_steps):
     """Loss of one hard batch: mean rank loss / micro_steps, plus the IAIS loss weighted by
     ``tsa`` when ``variant`` is set; and its parts as tensors (empty without IAIS)."""
-    out = model(batch, sample_from=sample_from, compute_loss=True, IAIS=variant)
-    if not variant:
-        return out.mean() / micro_steps, {}
-    rank_loss, losses = out
+    rank_loss, losses = model(batch, sample_from=sample_from, compute_loss=True, IAIS=variant)
     rank_loss = rank_loss.mean() / micro_steps
+    if variant is None:
+        return rank_loss, {}
     return rank_loss + losses["self_attn_loss"] * tsa, {"rank_loss": rank_loss, **losses}
 
 

@@ -3,15 +3,53 @@
 All functions work on one positive pair at a time, on head-averaged attention
 matrices. Log-probabilities are taken in float32 so that fp16/bf16 training stays finite.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .layer import MASK_VALUE
 
+MODALITIES = ("L", "V")  # whose self-attention is regularised: L text, V image
+ALIGNMENTS = ("singular", "distributed")
 VARIANTS = ("L-singular", "V-singular", "L-distributed", "V-distributed")
 
 # log(0) guard of the distributed variant (the singular variant has none in the original)
 DISTRIBUTED_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class IaisVariant:
+    """One IAIS variant: the modality whose self-attention is aligned ('L' text, 'V' image)
+    and the alignment ('singular' or 'distributed'); ``str()`` gives e.g. 'L-singular'."""
+    modality: str
+    alignment: str
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES or self.alignment not in ALIGNMENTS:
+            raise ValueError(f"IAIS must be one of {VARIANTS}, got modality {self.modality!r} "
+                             f"and alignment {self.alignment!r}")
+
+    def __str__(self):
+        return f"{self.modality}-{self.alignment}"
+
+    @classmethod
+    def of(cls, modality, alignment):
+        """The variant of ``modality`` ('L' or 'V') for a configured ``alignment``
+        ('singular', 'distributed', or False/None: IAIS off, giving None)."""
+        return cls(modality, alignment) if alignment else None
+
+    @classmethod
+    def parse(cls, value):
+        """None for False/None, the variant for one of VARIANTS or an IaisVariant;
+        ValueError naming the four choices for anything else."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str) and value in VARIANTS:
+            return cls(*value.split("-"))
+        raise ValueError(f"IAIS must be False or one of {VARIANTS}, got {value!r}")
 
 
 def kl_batchmean(log_input, target):
@@ -40,18 +78,19 @@ def distributed_alignment(self_attn, to_other, from_other):
 
 
 def pair_loss(variant, txt, img, t2i, i2t, n_words, n_boxes):
-    """IAIS loss of one positive pair from its four padded attention blocks."""
+    """IAIS loss (an :class:`IaisVariant`) of one positive pair from its four padded
+    attention blocks: txt [>=L, >=L], img [>=n, >=n], t2i [>=L, >=n], i2t [>=n, >=L]."""
     L, n = n_words, n_boxes
     txt, img = txt[:L, :L], img[:n, :n]
-    if variant == "L-singular":
-        return singular_alignment(txt, img, t2i[:L])
-    if variant == "V-singular":
-        return singular_alignment(img, txt, i2t[:n])
-    if variant == "L-distributed":
-        return distributed_alignment(txt, t2i[:L, :n], i2t[:n, :L])
-    if variant == "V-distributed":
-        return distributed_alignment(img, i2t[:n, :L], t2i[:L, :n])
-    raise ValueError(f"IAIS must be one of {VARIANTS}, got {variant!r}")
+    if variant.modality == "L":
+        own, other, to_other, from_other = txt, img, t2i[:L], i2t[:n, :L]
+    else:
+        own, other, to_other, from_other = img, txt, i2t[:n], t2i[:L, :n]
+    if variant.alignment == "singular":
+        # the argmax runs over every (padded) column, as in the original
+        return singular_alignment(own, other, to_other)
+    # the routed attention goes through valid units only
+    return distributed_alignment(own, to_other[:, :other.size(0)], from_other)
 
 
 def _masked_probs(scores, row_mask, col_mask):
@@ -91,7 +130,8 @@ def attention_blocks(scores, txt_mask, img_mask, max_tl, fused=True):
 
 
 def iais_loss(variant, scores, txt_mask, img_mask, max_tl, fused=True):
-    """Mean IAIS loss over the positives (scores as in :func:`attention_blocks`)."""
+    """Mean IAIS loss (an :class:`IaisVariant`) over the positives (scores as in
+    :func:`attention_blocks`)."""
     txt, img, t2i, i2t = attention_blocks(scores, txt_mask, img_mask, max_tl, fused)
     n_words = txt_mask.sum(1).tolist()
     n_boxes = img_mask.sum(1).tolist()

@@ -1,34 +1,65 @@
 """UNITER for image-text retrieval: ranking head, hinge loss and hard-negative mining."""
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from .iais import IaisVariant
 from .model import UniterModel, UniterPreTrainedModel
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Computations that give the original's numbers faster, fixed when a model is built.
+
+    fused_attention: fused attention kernels, and the IAIS attention blocks from two
+    softmax passes instead of four; length_buckets: no-grad scoring of at least twice this
+    many rows runs in groups of similar length, each cut to its longest row (0: one padded
+    pass); first_token_only: the last layer computes only the [CLS] position the head
+    reads. :meth:`original` turns them all off.
+    """
+    fused_attention: bool = True
+    length_buckets: int = 32
+    first_token_only: bool = True
+
+    def __post_init__(self):
+        if self.length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0, got {self.length_buckets}")
+
+    @classmethod
+    def original(cls):
+        """The original code's computation: eager attention, four IAIS passes, one padded
+        scoring pass, every position through the last layer."""
+        return cls(fused_attention=False, length_buckets=0, first_token_only=False)
+
+
+@contextmanager
+def scoring_mode(module):
+    """``module`` in eval mode without gradients for the block; its previous mode comes
+    back on exit, also when the block raises."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 class UniterForImageTextRetrieval(UniterPreTrainedModel):
     """Scores image-text pairs with one logit; groups of ``pairs_num`` rows are
-    (positive, negatives...) for the ranking loss."""
+    (positive, negatives...) for the ranking loss. ``fast_paths``: see :class:`FastPaths`."""
 
-    def __init__(self, config, img_dim, pairs_num, margin=0.2):
+    def __init__(self, config, img_dim, pairs_num, margin=0.2, *, fast_paths=FastPaths()):
         super().__init__(config)
-        self.uniter = UniterModel(config, img_dim)
+        self.uniter = UniterModel(config, img_dim, fused_attention=fast_paths.fused_attention)
         self.itm_output = nn.Linear(config.hidden_size, 2)
         self.rank_output = nn.Linear(config.hidden_size, 1)
         self.margin = margin
         self.pairs_num = pairs_num
-        # no-grad scoring of >= 2x this many rows runs in groups of similar length (0: off)
-        self.length_buckets = 32
-        # the last layer computes only the [CLS] position the head reads (False: all of them)
-        self.first_token_only = True
+        self.fast_paths = fast_paths
         self.apply(self.init_weights)
-
-    def _scores(self, batch):
-        """Raw ranking logits [n, 1] of a batch in either layout."""
-        sequence_output = self.uniter(
-            batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
-            batch["attn_masks"], batch.get("gather_index"), output_all_encoded_layers=False,
-            first_token_only=self.first_token_only)
-        return self.rank_output(self.uniter.pooler(sequence_output))
 
     def init_output(self):
         """Start the ranking head from the 'match' row of the pre-trained ITM head
@@ -38,27 +69,50 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             self.rank_output.bias.copy_(self.itm_output.bias[1:])
 
     def forward(self, batch, compute_loss=True, IAIS=False):
-        if not compute_loss and not torch.is_grad_enabled() and self.length_buckets:
-            buckets = _length_buckets(batch, self.length_buckets)
-            if buckets is not None:
-                scores = torch.empty(batch["attn_masks"].size(0), 1, device=batch["attn_masks"].device)
-                for rows, sub_batch in buckets:
-                    scores[rows] = self._scores(sub_batch).to(scores.dtype)
-                return scores
+        """Returns (output, losses).
+
+        batch: the dict the datasets produce (compact layout with ``gather_index``, or the
+        padded layout of IAIS batches with ``txt_attn_masks``/``img_attn_masks``).
+        compute_loss: output is the ranking loss [groups, sample_size - 1] of each negative
+        (groups of ``batch['sample_size']`` rows, the positive first),
+        ``clamp(margin + sigmoid(s_neg) - sigmoid(s_pos), min=0)``; otherwise the raw
+        scores [n, 1]. IAIS: False/None, one of 'L-singular', 'V-singular',
+        'L-distributed', 'V-distributed', or an IaisVariant; with compute_loss, losses is
+        {'self_attn_loss': ..., 'self_attn_loss/layer_{N-1}': ...}, otherwise {}.
+        (The original returned the bare tensor without IAIS.)
+        """
+        return self._output(batch, compute_loss, IaisVariant.parse(IAIS))
+
+    def _output(self, batch, compute_loss, iais_variant):
         if not compute_loss:
-            return self._scores(batch)
-        if IAIS:
-            sequence_output, losses = self.uniter(
-                batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
-                batch["attn_masks"], None, batch.get("txt_attn_masks"), batch.get("img_attn_masks"),
-                output_all_encoded_layers=False, IAIS=IAIS, pairs_num=self.pairs_num,
-                first_token_only=self.first_token_only)
-            rank_scores = self.rank_output(self.uniter.pooler(sequence_output))
-        else:
-            rank_scores = self._scores(batch)
+            return self._score(batch), {}
+        rank_scores, losses = self._logits(batch, iais_variant)
         scores = torch.sigmoid(rank_scores).view(-1, batch["sample_size"])
         rank_loss = torch.clamp(self.margin + scores[:, 1:] - scores[:, :1], min=0)
-        return (rank_loss, losses) if IAIS else rank_loss
+        return rank_loss, losses
+
+    def _logits(self, batch, iais_variant=None):
+        """(raw ranking logits [n, 1], the encoder's losses) of a batch in either layout;
+        IAIS batches run on the padded concatenation, as in the original."""
+        gather_index = None if iais_variant is not None else batch.get("gather_index")
+        sequence_output, losses = self.uniter(
+            batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
+            batch["attn_masks"], gather_index, batch.get("txt_attn_masks"), batch.get("img_attn_masks"),
+            output_all_encoded_layers=False, iais_variant=iais_variant, pairs_num=self.pairs_num,
+            first_token_only=self.fast_paths.first_token_only)
+        return self.rank_output(self.uniter.pooler(sequence_output)), losses
+
+    def _score(self, batch):
+        """Raw ranking logits [n, 1]; without gradients, in length buckets when they apply."""
+        buckets = None
+        if not torch.is_grad_enabled() and self.fast_paths.length_buckets:
+            buckets = _length_buckets(batch, self.fast_paths.length_buckets)
+        if buckets is None:
+            return self._logits(batch)[0]
+        scores = torch.empty(batch["attn_masks"].size(0), 1, device=batch["attn_masks"].device)
+        for rows, sub_batch in buckets:
+            scores[rows] = self._logits(sub_batch)[0].to(scores.dtype)
+        return scores
 
 
 def _length_buckets(batch, size):
@@ -88,38 +142,38 @@ def _length_buckets(batch, size):
 class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
     """Training on the ``hard_size`` highest-scoring negatives of each micro-batch."""
 
-    def __init__(self, config, img_dim, margin=0.2, hard_size=16):
-        super().__init__(config, img_dim, hard_size + 1, margin)
+    def __init__(self, config, img_dim, margin=0.2, hard_size=16, *, fast_paths=FastPaths()):
+        super().__init__(config, img_dim, hard_size + 1, margin, fast_paths=fast_paths)
         self.hard_size = hard_size
 
     def forward(self, batch, sample_from="t", compute_loss=True, IAIS=False):
-        batch = dict(batch)
-        n = batch["attn_masks"].size(0)
-        if sample_from == "t":
-            if batch["input_ids"].size(0) == 1:
-                batch["input_ids"] = batch["input_ids"].expand(n, -1)
-        elif sample_from == "i":
-            if batch["img_feat"].size(0) == 1:
-                batch["img_feat"] = batch["img_feat"].expand(n, -1, -1)
-            if batch["img_pos_feat"].size(0) == 1:
-                batch["img_pos_feat"] = batch["img_pos_feat"].expand(n, -1, -1)
-        else:
-            raise ValueError(f"sample_from must be 't' or 'i', got {sample_from!r}")
+        """Returns (output, losses), as :meth:`UniterForImageTextRetrieval.forward`.
 
+        batch: one micro-batch, the positive first, then negatives sharing its text
+        (sample_from='t') or its image ('i'); the shared side may come as one row.
+        In training with compute_loss: every pair is scored in eval mode without
+        gradients (unless every negative is kept anyway), and output is the ranking loss
+        [1, hard_size] of the positive against the top ``hard_size`` negatives (with IAIS,
+        losses holds its loss on them).
+        Otherwise output is as in the parent class on the whole batch, without IAIS (as
+        in the original): losses is {}.
+        """
+        iais_variant = IaisVariant.parse(IAIS)
+        batch = _expand_shared_side(batch, sample_from)
         if not (self.training and compute_loss):
-            return super().forward(batch, compute_loss)
+            return self._output(batch, compute_loss, None)
         scores = None  # every negative is kept: there is nothing to select, so no scoring pass
-        if n - 1 != self.hard_size:
-            with torch.no_grad():
-                self.eval()
-                scores = super().forward(batch, compute_loss=False)
-                self.train()
-        hard_batch = self._get_hard_batch(batch, scores, sample_from, IAIS)
-        return super().forward(hard_batch, compute_loss=True, IAIS=IAIS)
+        if batch["attn_masks"].size(0) - 1 != self.hard_size:
+            with scoring_mode(self):
+                scores = self._score(batch)
+        hard_batch = self.select_hard_batch(batch, scores, sample_from, iais_variant is not None)
+        return self._output(hard_batch, True, iais_variant)
 
-    def _get_hard_batch(self, batch, scores, sample_from="t", IAIS=False):
-        """The positive (row 0) and the top-``hard_size`` negatives, cut to the longest row
-        (all rows in their order when ``scores`` is None).
+    def select_hard_batch(self, batch, scores, sample_from="t", iais_masks=False):
+        """The positive (row 0) and the top-``hard_size`` negatives by ``scores`` [n, 1],
+        cut to the longest row (all rows in their order when ``scores`` is None).
+        iais_masks: the batch is in the padded layout with IAIS position masks, which
+        are kept (otherwise the compact layout's gather_index is).
 
         Mirrors the original exactly, including that image-side batches without IAIS
         drop ``gather_index`` (their hard forward runs on the padded concatenation).
@@ -147,10 +201,28 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
             out["img_feat"] = batch["img_feat"][:k]
             out["img_pos_feat"] = batch["img_pos_feat"][:k]
         out["attn_masks"] = attn_masks
-        if IAIS:
+        if iais_masks:
             cut = slice(None, max_len) if sample_from == "t" else slice(None)
             out["txt_attn_masks"] = batch["txt_attn_masks"][:, cut]
             out["img_attn_masks"] = batch["img_attn_masks"][:, cut]
         elif sample_from == "t":
             out["gather_index"] = batch["gather_index"].index_select(0, indices)[:, :max_len]
         return out
+
+
+def _expand_shared_side(batch, sample_from):
+    """A copy of ``batch`` whose shared side (the text for 't', the image for 'i'), when
+    given as one row, is expanded (a view) to every row."""
+    batch = dict(batch)
+    n = batch["attn_masks"].size(0)
+    if sample_from == "t":
+        if batch["input_ids"].size(0) == 1:
+            batch["input_ids"] = batch["input_ids"].expand(n, -1)
+    elif sample_from == "i":
+        if batch["img_feat"].size(0) == 1:
+            batch["img_feat"] = batch["img_feat"].expand(n, -1, -1)
+        if batch["img_pos_feat"].size(0) == 1:
+            batch["img_pos_feat"] = batch["img_pos_feat"].expand(n, -1, -1)
+    else:
+        raise ValueError(f"sample_from must be 't' or 'i', got {sample_from!r}")
+    return batch

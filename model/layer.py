@@ -21,7 +21,10 @@ def additive_mask(mask01, dtype):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, config):
+    """Multi-head self-attention. fused_attention: scaled_dot_product_attention (same
+    values, less memory); False: the original's eager softmax(QK^T/sqrt(d) + bias) V."""
+
+    def __init__(self, config, fused_attention=True):
         super().__init__()
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
@@ -33,8 +36,7 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, self.all_head_size)
         self.value = nn.Linear(config.hidden_size, self.all_head_size)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
-        # fused scaled_dot_product_attention; False gives the original's eager math
-        self.fused = True
+        self.fused_attention = fused_attention
 
     def _split_heads(self, x):
         b, n, _ = x.shape
@@ -52,7 +54,7 @@ class BertSelfAttention(nn.Module):
         q = self._split_heads(self.query(hidden_states if queries is None else queries))
         k = self._split_heads(self.key(hidden_states))
         v = self._split_heads(self.value(hidden_states))
-        if self.fused:
+        if self.fused_attention:
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_bias.to(q.dtype),
                 dropout_p=self.dropout.p if self.training else 0.0)
@@ -76,9 +78,9 @@ class BertSelfOutput(nn.Module):
 
 
 class BertAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, fused_attention=True):
         super().__init__()
-        self.self = BertSelfAttention(config)
+        self.self = BertSelfAttention(config, fused_attention)
         self.output = BertSelfOutput(config)
 
     def forward(self, hidden_states, attention_bias, queries=None):
@@ -110,9 +112,9 @@ class BertOutput(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, fused_attention=True):
         super().__init__()
-        self.attention = BertAttention(config)
+        self.attention = BertAttention(config, fused_attention)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 

@@ -62,7 +62,7 @@ class UniterConfig:
         return self.to_json_string()
 
 
-def _normalise_checkpoint_keys(state_dict):
+def normalise_checkpoint_keys(state_dict):
     """Map pre-training checkpoint names onto ours: LayerNorm gamma/beta, 'bert.' prefix."""
     has_bert_prefix = any(k.startswith("bert.") for k in state_dict)
     out = {}
@@ -97,13 +97,6 @@ class UniterPreTrainedModel(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             module.bias.data.zero_()
 
-    def set_fused_attention(self, enabled):
-        """Switch between the fused attention kernels (default) and the original eager math."""
-        for module in self.modules():
-            if hasattr(module, "fused"):
-                module.fused = enabled
-        return self
-
     @classmethod
     def from_pretrained(cls, config_file, state_dict, *inputs, **kwargs):
         """Build the model from a config (path or UniterConfig) and load a state dict.
@@ -114,7 +107,7 @@ class UniterPreTrainedModel(nn.Module):
         """
         config = config_file if isinstance(config_file, UniterConfig) else UniterConfig.from_json_file(config_file)
         model = cls(config, *inputs, **kwargs)
-        state_dict = _normalise_checkpoint_keys(state_dict)
+        state_dict = normalise_checkpoint_keys(state_dict)
         own = model.state_dict()
         for key, value in state_dict.items():
             if key in own and own[key].shape != value.shape:
@@ -172,29 +165,42 @@ class UniterImageEmbeddings(nn.Module):
 
 
 class UniterEncoder(nn.Module):
-    """Stack of BERT layers; with IAIS it also returns the alignment loss of the last layer."""
+    """Stack of BERT layers; with an IAIS variant it also computes the alignment loss of the
+    last layer's self-attention.
 
-    def __init__(self, config):
+    fused_attention: fused attention kernels in every layer and the IAIS attention blocks
+    from one softmax per key mask; False: the original's eager attention and four passes.
+    Both give the same values.
+    """
+
+    def __init__(self, config, fused_attention=True):
         super().__init__()
-        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
-        # IAIS attention blocks from one softmax per key mask; False: the original's four passes
-        self.fused = True
+        self.layer = nn.ModuleList([BertLayer(config, fused_attention)
+                                    for _ in range(config.num_hidden_layers)])
+        self.fused_attention = fused_attention
 
     def forward(self, input_, attention_mask, txt_attn_mask=None, img_attn_mask=None, max_tl=0,
-                output_all_encoded_layers=True, IAIS=False, pairs_num=3, first_token_only=False):
-        """attention_mask: 0/1 [B, N]. With IAIS, txt_attn_mask/img_attn_mask are the 0/1
-        position masks [P, N] of the positives (rows 0, pairs_num, 2*pairs_num, ...) and
-        max_tl is the padded text length; returns (layers, {'self_attn_loss': ...}).
-        first_token_only: the last layer computes the [CLS] position only ([B, 1, D])."""
+                output_all_encoded_layers=True, iais_variant=None, pairs_num=3, first_token_only=False):
+        """input_ [B, N, D]; attention_mask: 0/1 [B, N]. Returns (layers, losses): the
+        hidden states [B, N, D] after each layer (the last one alone without
+        output_all_encoded_layers), and a dict of losses.
+
+        iais_variant (an IaisVariant, or None: losses is {}): the IAIS loss of the
+        positives (rows 0, pairs_num, 2*pairs_num, ...) on the hidden states entering the
+        last layer, as losses['self_attn_loss'] and losses['self_attn_loss/layer_{N-1}'];
+        txt_attn_mask/img_attn_mask are their 0/1 position masks [P, N] and max_tl the
+        padded text length.
+        first_token_only: the last layer computes the [CLS] position only ([B, 1, D]).
+        """
         bias = additive_mask(attention_mask[:, None, None, :], input_.dtype)
         hidden_states = input_
         all_layers, losses = [], {}
         last = len(self.layer) - 1
         for i, layer_module in enumerate(self.layer):
-            if IAIS and i == last:
-                positives = hidden_states[::pairs_num]
-                scores = layer_module.attention.self.attention_scores(positives)
-                loss = iais_loss(IAIS, scores, txt_attn_mask, img_attn_mask, max_tl, self.fused)
+            if iais_variant is not None and i == last:
+                scores = layer_module.attention.self.attention_scores(hidden_states[::pairs_num])
+                loss = iais_loss(iais_variant, scores, txt_attn_mask, img_attn_mask, max_tl,
+                                 self.fused_attention)
                 losses[f"self_attn_loss/layer_{i}"] = loss
                 losses["self_attn_loss"] = loss
             hidden_states = layer_module(hidden_states, bias, first_token_only and i == last)
@@ -202,15 +208,18 @@ class UniterEncoder(nn.Module):
                 all_layers.append(hidden_states)
         if not output_all_encoded_layers:
             all_layers.append(hidden_states)
-        return (all_layers, losses) if IAIS else all_layers
+        return all_layers, losses
 
 
 class UniterModel(UniterPreTrainedModel):
-    def __init__(self, config, img_dim):
+    """Embeddings of [text | image], the encoder and the pooler (fused_attention as in
+    :class:`UniterEncoder`)."""
+
+    def __init__(self, config, img_dim, fused_attention=True):
         super().__init__(config)
         self.embeddings = UniterTextEmbeddings(config)
         self.img_embeddings = UniterImageEmbeddings(config, img_dim)
-        self.encoder = UniterEncoder(config)
+        self.encoder = UniterEncoder(config, fused_attention)
         self.pooler = BertPooler(config)
         self.apply(self.init_weights)
 
@@ -220,40 +229,39 @@ class UniterModel(UniterPreTrainedModel):
         type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)
         return self.img_embeddings(img_feat, img_pos_feat, type_embeddings)
 
-    def _compute_img_txt_embeddings(self, input_ids, position_ids, img_feat, img_pos_feat,
-                                    gather_index=None, txt_type_ids=None, img_type_ids=None):
+    def embed(self, input_ids, position_ids, img_feat, img_pos_feat, gather_index=None,
+              txt_type_ids=None, img_type_ids=None):
+        """The encoder's input [B, N, D]: text embeddings [B, T, D] then image embeddings
+        [B, M, D] (padded layout), or with gather_index [B, N] each row packed as
+        [its text | its boxes | padding] (compact layout)."""
         txt_emb = self.embeddings(input_ids, position_ids, txt_type_ids)
         img_emb = self._compute_img_embeddings(img_feat, img_pos_feat, img_type_ids)
         joint = torch.cat([txt_emb, img_emb], dim=1)
         if gather_index is None:
             return joint
-        # compact layout: each row becomes [its text | its boxes | padding]
         index = gather_index.unsqueeze(-1).expand(-1, -1, self.config.hidden_size)
         return torch.gather(joint, dim=1, index=index)
 
     def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                 gather_index=None, txt_attn_mask=None, img_attn_mask=None,
-                output_all_encoded_layers=True, IAIS=False, txt_type_ids=None,
+                output_all_encoded_layers=True, iais_variant=None, txt_type_ids=None,
                 img_type_ids=None, pairs_num=3, first_token_only=False):
-        """first_token_only (with output_all_encoded_layers=False): the output is the [CLS]
+        """Returns (sequence_output, losses): the list of every layer's hidden states
+        [B, N, D], or with output_all_encoded_layers=False the last layer's [B, N, D]; and
+        the encoder's losses ({} without iais_variant; see :class:`UniterEncoder`).
+
+        first_token_only (with output_all_encoded_layers=False): the output is the [CLS]
         position alone, [B, 1, D], which is all the pooler reads; it saves most of the last
         layer."""
         if first_token_only and output_all_encoded_layers:
             raise ValueError("first_token_only needs output_all_encoded_layers=False")
-        embedding_output = self._compute_img_txt_embeddings(
-            input_ids, position_ids, img_feat, img_pos_feat, gather_index, txt_type_ids, img_type_ids)
-        if IAIS:
-            if txt_attn_mask is None or img_attn_mask is None:
-                raise ValueError("IAIS needs txt_attn_masks and img_attn_masks in the batch "
-                                 "(build the dataset with IAIS enabled)")
-            layers, losses = self.encoder(
-                embedding_output, attention_mask, txt_attn_mask, img_attn_mask, input_ids.size(1),
-                output_all_encoded_layers=output_all_encoded_layers, IAIS=IAIS, pairs_num=pairs_num,
-                first_token_only=first_token_only)
-        else:
-            layers = self.encoder(embedding_output, attention_mask,
-                                  output_all_encoded_layers=output_all_encoded_layers,
-                                  first_token_only=first_token_only)
-        if not output_all_encoded_layers:
-            layers = layers[-1]
-        return (layers, losses) if IAIS else layers
+        if iais_variant is not None and (txt_attn_mask is None or img_attn_mask is None):
+            raise ValueError("IAIS needs txt_attn_masks and img_attn_masks in the batch "
+                             "(build the dataset with IAIS enabled)")
+        embedding_output = self.embed(input_ids, position_ids, img_feat, img_pos_feat, gather_index,
+                                      txt_type_ids, img_type_ids)
+        layers, losses = self.encoder(
+            embedding_output, attention_mask, txt_attn_mask, img_attn_mask, input_ids.size(1),
+            output_all_encoded_layers=output_all_encoded_layers, iais_variant=iais_variant,
+            pairs_num=pairs_num, first_token_only=first_token_only)
+        return (layers if output_all_encoded_layers else layers[-1]), losses

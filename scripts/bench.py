@@ -42,7 +42,8 @@ from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,
                   ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb,
                   itm_rank_hn_collate, pad_tensors, write_txt_db)
 from data.batch import box_position_features
-from model import UniterConfig, UniterForImageTextRetrievalHardNeg
+from engine.train_step import hard_batch_loss
+from model import FastPaths, IaisVariant, UniterConfig, UniterForImageTextRetrievalHardNeg
 from scripts.original_checkout import check_checkout
 from scripts.repo import child_env
 from scripts.timing import rate
@@ -162,20 +163,18 @@ def bench_streams(root, min_time, n_workers=4):
     return out
 
 
-def use_fast_paths(model, fast, buckets=16):
+def fast_paths(fast, buckets=16):
     """The project's fast paths, or (fast=False) the original's computation: eager attention
     and four IAIS passes, one padded pass for scoring, every position through the last layer."""
-    model.set_fused_attention(fast)
-    model.length_buckets = buckets if fast else 0
-    model.first_token_only = fast
-    return model
+    return FastPaths(length_buckets=buckets) if fast else FastPaths.original()
 
 
 def small_model(fused, hard_size=7):
+    """The benchmark's model, with the same weights whatever the fast paths."""
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    return use_fast_paths(UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size), fused)
+    return UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size, fast_paths=fast_paths(fused))
 
 
 def text_side_batch(root, negatives, seed, IAIS=False, index=0):
@@ -189,7 +188,7 @@ def bench_eval(root, min_time):
     for name, fused in (("fused", True), ("plain", False)):
         model = small_model(fused).eval()
         with torch.no_grad():
-            scores[name] = model(batch, "t", compute_loss=False)
+            scores[name] = model(batch, "t", compute_loss=False)[0]
             out[f"eval_{name}_pairs_per_s"] = 64 * rate(lambda: model(batch, "t", compute_loss=False), min_time)
     out["eval_max_abs_score_diff"] = (scores["fused"] - scores["plain"]).abs().max().item()
     out["eval_speedup"] = out["eval_fused_pairs_per_s"] / out["eval_plain_pairs_per_s"]
@@ -198,8 +197,8 @@ def bench_eval(root, min_time):
 
 def train_loss(model, batch, iais):
     """The hard-negative ranking loss of a text-side batch, plus the IAIS loss with ``iais``."""
-    result = model(batch, "t", IAIS=f"L-{iais}" if iais else False)
-    return result[0].mean() + result[1]["self_attn_loss"] if iais else result.mean()
+    loss, _ = hard_batch_loss(model, batch, "t", IaisVariant.of("L", iais), tsa=1.0, micro_steps=1)
+    return loss
 
 
 def bench_train(root, min_time):
@@ -247,7 +246,7 @@ def bench_original(root, original_repo, min_time, results):
         out[f"{name.replace('_fused', '').replace('_per_s', '')}_vs_original"] = (
             results[name] / out["original_" + name.replace("_fused", "")])
     with torch.no_grad():
-        ours = small_model(True).eval()(text_side_batch(root, 63, seed=0), "t", compute_loss=False)
+        ours = small_model(True).eval()(text_side_batch(root, 63, seed=0), "t", compute_loss=False)[0]
     out["original_eval_max_abs_score_diff"] = (ours - original["eval_scores"]).abs().max().item()
     for key, iais in (("plain_loss", False), ("iais", "singular")):
         loss = train_loss(small_model(True).train(), text_side_batch(root, 63, seed=1, IAIS=iais, index=3), iais)

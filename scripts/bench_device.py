@@ -7,12 +7,12 @@ import time
 import numpy as np
 import torch
 
-from scripts.bench import fed_loop, open_bench_dbs, train_loss, use_fast_paths
 from data import (ItmEvalDataset, ItmRankDatasetHardNegFromText, PrefetchLoader, ResumableStream,
                   itm_eval_collate, itm_rank_hn_collate, make_loader)
-from model import UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
-from scripts.timing import rate
 from engine.evaluation import inference
+from model import FastPaths, UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
+from scripts.bench import fast_paths, fed_loop, open_bench_dbs, train_loss
+from scripts.timing import rate
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, by a part of the device name (first match)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -48,6 +48,12 @@ def _seeded_model(cls, config, device, **kwargs):
     return cls(config, 2048, **kwargs).to(device)
 
 
+def _hard_negative_model(config, device, hard, fast):
+    """The training model with the fast paths (length buckets of 32) or the original's."""
+    return _seeded_model(UniterForImageTextRetrievalHardNeg, config, device, hard_size=hard,
+                         fast_paths=fast_paths(fast, 32))
+
+
 def _synthetic_batch(config, device, n, txt_len, num_bb):
     """One caption of ``txt_len`` tokens against ``n`` images of ``num_bb`` boxes (random,
     seeded), in the padded layout with the masks IAIS reads."""
@@ -78,8 +84,7 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for fused in (True, False):
-            model = use_fast_paths(_seeded_model(UniterForImageTextRetrievalHardNeg, config, device,
-                                                 hard_size=hard), fused, 32)
+            model = _hard_negative_model(config, device, hard, fused)
             tag = f"{dtype_name}_{'fused' if fused else 'plain'}"
 
             def score():
@@ -100,8 +105,7 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
             if peak_tflops:
                 out[f"score_{tag}_mfu"] = pairs_per_s * flops / (peak_tflops * 1e12)
     if stream is not None:
-        model = use_fast_paths(_seeded_model(UniterForImageTextRetrievalHardNeg, config, device, hard_size=hard),
-                               True, 32).train()
+        model = _hard_negative_model(config, device, hard, True).train()
 
         def fed_step(fed_batch):
             model.zero_grad()
@@ -146,15 +150,16 @@ def bench_evaluation(root, device, config, min_time, n_texts=200, mini_batch=400
     sync = _sync(device)
     dataset, txt_lens, num_bbs = _eval_dataset(root, n_texts, mini_batch)
     flops_per_pair = float(forward_flops_per_pair(config, txt_lens[:, None], num_bbs[None, :]).mean())
-    model = _seeded_model(UniterForImageTextRetrieval, config, device, pairs_num=1).eval()
+    # one model per bucket size, all with the same weights
+    models = {size: _seeded_model(UniterForImageTextRetrieval, config, device, pairs_num=1,
+                                  fast_paths=FastPaths(length_buckets=size)).eval() for size in buckets}
     one_caption = [{k: v.to(device) for k, v in b.items()} for b in dataset[0]]
     one_caption_pairs = len(dataset.all_img_ids)
     one_caption_flops = float(forward_flops_per_pair(config, txt_lens[0], num_bbs).sum())
     out = {"texts": len(dataset), "images": len(dataset.all_img_ids), "mini_batch": mini_batch,
            "flops_per_pair": flops_per_pair}
     for dtype_name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
-        for size in buckets:
-            model.length_buckets = size
+        for size, model in models.items():
 
             def score_caption():
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
@@ -167,7 +172,7 @@ def bench_evaluation(root, device, config, min_time, n_texts=200, mini_batch=400
             if peak_tflops:
                 out[f"model_{dtype_name}_buckets{size}_mfu"] = calls * one_caption_flops / (peak_tflops * 1e12)
         best = max(buckets, key=lambda s: out[f"model_{dtype_name}_buckets{s}_pairs_per_s"])
-        model.length_buckets = best
+        model = models[best]
         loader = PrefetchLoader(make_loader(dataset, itm_eval_collate, n_workers, device.type == "cuda"), device)
         with torch.autocast(device.type, dtype=dtype):
             inference(model, loader)  # warm-up pass: builds and uploads the image sides

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg
-from model.iais import attention_blocks, iais_loss, pair_loss
+from model.iais import VARIANTS, IaisVariant, attention_blocks, iais_loss, pair_loss
 
 TXT = [[0.5, 0.3, 0.2], [0.1, 0.6, 0.3], [0.25, 0.25, 0.5]]
 IMG = [[0.7, 0.3], [0.4, 0.6]]
@@ -59,7 +59,7 @@ def test_hand_worked_three_words_two_boxes(variant):
     img = torch.zeros(3, 3, dtype=torch.float64); img[:2, :2] = t(IMG)
     t2i = torch.zeros(4, 3, dtype=torch.float64); t2i[:3, :2] = t(T2I)
     i2t = torch.zeros(3, 4, dtype=torch.float64); i2t[:2, :3] = t(I2T)
-    got = pair_loss(variant, txt, img, t2i, i2t, 3, 2)
+    got = pair_loss(IaisVariant.parse(variant), txt, img, t2i, i2t, 3, 2)
     assert got.item() == pytest.approx(EXPECTED[variant], rel=1e-12)
     assert EXPECTED[variant] > 0
 
@@ -69,8 +69,31 @@ def test_singular_alignment_is_zero_when_attentions_agree():
     softmax of equal values, i.e. uniform, so both KL terms vanish."""
     txt = torch.full((3, 3), 1 / 3)
     t2i = torch.tensor([[0.9, 0.1]] * 3)
-    loss = pair_loss("L-singular", txt, torch.tensor(IMG), t2i, torch.tensor(I2T), 3, 2)
+    loss = pair_loss(IaisVariant("L", "singular"), txt, torch.tensor(IMG), t2i, torch.tensor(I2T), 3, 2)
     assert loss.abs().item() < 1e-7
+
+
+def test_variant_values_parse_and_print():
+    for name in VARIANTS:
+        variant = IaisVariant.parse(name)
+        assert str(variant) == name and IaisVariant.parse(variant) is variant
+    assert IaisVariant.parse("V-distributed") == IaisVariant("V", "distributed")
+    assert IaisVariant.parse(False) is None and IaisVariant.parse(None) is None
+    assert IaisVariant.of("L", "singular") == IaisVariant("L", "singular")
+    assert IaisVariant.of("V", False) is None and IaisVariant.of("V", None) is None
+    for bad in ("singular", "L-Singular", "X-singular", True, 0, ""):
+        with pytest.raises(ValueError, match="L-singular.*V-singular.*L-distributed.*V-distributed"):
+            IaisVariant.parse(bad)
+    with pytest.raises(ValueError, match="L-singular"):
+        IaisVariant.of("L", "both")
+    with pytest.raises(ValueError, match="L-singular"):
+        IaisVariant("T", "singular")
+
+
+def test_the_model_rejects_an_unknown_variant():
+    model = _tiny_model().train()
+    with pytest.raises(ValueError, match="V-distributed"):
+        model(_tiny_iais_batch(), IAIS="singular")
 
 
 def _random_scores(seed, p=2, heads=2, max_tl=6, max_nbb=5, dtype=torch.float64):
@@ -96,7 +119,7 @@ def test_fused_blocks_equal_the_four_pass_blocks():
 def test_gradcheck_loss_wrt_attention_scores(variant):
     scores, words, boxes, max_tl = _random_scores(1)
     scores.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda s: iais_loss(variant, s, words, boxes, max_tl), (scores,))
+    assert torch.autograd.gradcheck(lambda s: iais_loss(IaisVariant.parse(variant), s, words, boxes, max_tl), (scores,))
 
 
 def _tiny_model(dtype=torch.float32):

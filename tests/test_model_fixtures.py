@@ -3,19 +3,19 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, load_fixture
-from model import (CheckpointMismatchError, UniterConfig, UniterForImageTextRetrieval,
-                   UniterForImageTextRetrievalHardNeg)
+from model import (CheckpointMismatchError, FastPaths, UniterConfig, UniterForImageTextRetrieval,
+                   UniterForImageTextRetrievalHardNeg, scoring_mode)
 
 CASES = load_fixture("ref_hardneg.pt")
 CASE_IDS = [f"{c['sample_from']}-{c['IAIS'] or 'plain'}-{c['idx']}" for c in CASES]
 
 
-def tiny_hardneg(state, fused):
+def tiny_hardneg(state, fused, **fast_paths):
     config = UniterConfig.from_json_file(TINY_CONFIG)
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
-    model = UniterForImageTextRetrievalHardNeg.from_pretrained(config, dict(state), img_dim=2048,
-                                                               margin=0.2, hard_size=3)
-    return model.set_fused_attention(fused)
+    return UniterForImageTextRetrievalHardNeg.from_pretrained(
+        config, dict(state), img_dim=2048, margin=0.2, hard_size=3,
+        fast_paths=FastPaths(fused_attention=fused, **fast_paths))
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
@@ -24,12 +24,11 @@ def test_hard_negative_training_forward(case, fused, ref_model_state):
     model = tiny_hardneg(ref_model_state, fused)
     batch = {k: (v.float() if k == "img_feat" else v) for k, v in case["batch"].items()}
     model.train()
-    out = model(batch, sample_from=case["sample_from"], compute_loss=True, IAIS=case["IAIS"])
-    if not case["IAIS"]:
-        torch.testing.assert_close(out, case["rank_loss"], rtol=0, atol=1e-5)
-        return
-    rank_loss, losses = out
+    rank_loss, losses = model(batch, sample_from=case["sample_from"], compute_loss=True, IAIS=case["IAIS"])
     torch.testing.assert_close(rank_loss, case["rank_loss"], rtol=0, atol=1e-5)
+    if not case["IAIS"]:
+        assert losses == {}
+        return
     torch.testing.assert_close(losses["self_attn_loss"], case["self_attn_loss"], rtol=0, atol=1e-5)
     assert set(losses) == {"self_attn_loss", "self_attn_loss/layer_1"}
     (rank_loss.mean() + losses["self_attn_loss"]).backward()
@@ -40,7 +39,8 @@ def test_hard_negative_training_forward(case, fused, ref_model_state):
         torch.testing.assert_close(params[name].grad, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     model.eval()
     with torch.no_grad():
-        scores = model(batch, sample_from=case["sample_from"], compute_loss=False)
+        scores, losses = model(batch, sample_from=case["sample_from"], compute_loss=False)
+    assert losses == {}
     torch.testing.assert_close(scores, case["scores"], rtol=0, atol=1e-5)
 
 
@@ -49,9 +49,9 @@ def test_float16_features_give_the_same_scores(ref_model_state):
     model = tiny_hardneg(ref_model_state, True).eval()
     case = CASES[0]
     with torch.no_grad():
-        s16 = model(case["batch"], sample_from="t", compute_loss=False)
-        s32 = model({**case["batch"], "img_feat": case["batch"]["img_feat"].float()},
-                    sample_from="t", compute_loss=False)
+        s16, _ = model(case["batch"], sample_from="t", compute_loss=False)
+        s32, _ = model({**case["batch"], "img_feat": case["batch"]["img_feat"].float()},
+                       sample_from="t", compute_loss=False)
     assert torch.equal(s16, s32)
 
 
@@ -68,7 +68,7 @@ def test_pretraining_checkpoint_and_init_output(txt_db, img_db):
     batch = ItmEvalDataset(txt_db, img_db, 12)[0][0]
     model.eval()
     with torch.no_grad():
-        scores = model(batch, compute_loss=False)
+        scores, _ = model(batch, compute_loss=False)
     torch.testing.assert_close(scores, ref["scores_text0"], rtol=0, atol=1e-5)
 
 
@@ -135,6 +135,7 @@ def test_release_configs_key_and_shape_lists(name, layers, hidden, inter):
 def test_length_bucketed_scoring_gives_the_one_pass_scores(ref_model_state):
     """Large no-grad batches are scored in groups of similar length: same scores."""
     model = tiny_hardneg(ref_model_state, True).eval()
+    one_pass_model = tiny_hardneg(ref_model_state, True, length_buckets=0).eval()
     g = torch.Generator().manual_seed(0)
     n, tl = 80, 6
     nbbs = torch.randint(10, 40, (n,), generator=g).tolist()
@@ -151,9 +152,8 @@ def test_length_bucketed_scoring_gives_the_one_pass_scores(ref_model_state):
     from model.itm import _length_buckets
     assert len(_length_buckets({**batch, "input_ids": batch["input_ids"].expand(n, -1)}, 32)) == 3
     with torch.no_grad():
-        bucketed = model(batch, "t", compute_loss=False)
-        model.length_buckets = 0
-        one_pass = model(batch, "t", compute_loss=False)
+        bucketed, _ = model(batch, "t", compute_loss=False)
+        one_pass, _ = one_pass_model(batch, "t", compute_loss=False)
     torch.testing.assert_close(bucketed, one_pass, rtol=0, atol=1e-5)
 
 
@@ -171,7 +171,9 @@ def test_first_token_only_equals_the_full_last_layer(ref_model_state, fused):
     outputs, grads = [], []
     for first_only in (False, True):
         model.zero_grad()
-        out = model(*args, output_all_encoded_layers=False, first_token_only=first_only)[:, 0]
+        out, losses = model(*args, output_all_encoded_layers=False, first_token_only=first_only)
+        assert losses == {}
+        out = out[:, 0]
         (out * weights).sum().backward()  # (not a norm: LayerNorm outputs have a fixed one)
         outputs.append(out)
         grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
@@ -203,13 +205,33 @@ def test_keeping_every_negative_skips_the_scoring_pass(case, ref_model_state):
         expanded["input_ids"] = batch["input_ids"].expand(n, -1)
     else:
         expanded.update(img_feat=batch["img_feat"].expand(n, -1, -1), img_pos_feat=batch["img_pos_feat"].expand(n, -1, -1))
-    with torch.no_grad():
-        model.eval()
-        scores = super(UniterForImageTextRetrievalHardNeg, model).forward(expanded, compute_loss=False)
-        model.train()
-    hard = model._get_hard_batch(expanded, scores, case["sample_from"], case["IAIS"])
+    with scoring_mode(model):
+        scores, _ = super(UniterForImageTextRetrievalHardNeg, model).forward(expanded, compute_loss=False)
+    assert model.training
+    hard = model.select_hard_batch(expanded, scores, case["sample_from"], bool(case["IAIS"]))
     scored = super(UniterForImageTextRetrievalHardNeg, model).forward(hard, compute_loss=True, IAIS=case["IAIS"])
+    assert skipped[1].keys() == scored[1].keys()
     if case["IAIS"]:
         torch.testing.assert_close(skipped[1]["self_attn_loss"], scored[1]["self_attn_loss"], rtol=1e-5, atol=1e-6)
-        skipped, scored = skipped[0], scored[0]
-    torch.testing.assert_close(skipped.sort().values, scored.sort().values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(skipped[0].sort().values, scored[0].sort().values, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_scoring_mode_restores_the_mode_also_after_an_error(training, ref_model_state):
+    model = tiny_hardneg(ref_model_state, True).train(training)
+    with pytest.raises(RuntimeError), scoring_mode(model):
+        assert not model.training and not torch.is_grad_enabled()
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("inside")
+    assert torch.is_grad_enabled()
+    assert all(m.training == training for m in model.modules())
+
+
+def test_fast_paths_are_fixed_at_construction(ref_model_state):
+    assert FastPaths() == FastPaths(fused_attention=True, length_buckets=32, first_token_only=True)
+    plain = tiny_hardneg(ref_model_state, False, length_buckets=0, first_token_only=False)
+    assert plain.fast_paths == FastPaths.original()
+    attention = [m for m in plain.modules() if hasattr(m, "fused_attention")]
+    assert len(attention) == 1 + 2 and not any(m.fused_attention for m in attention)  # encoder, 2 layers
+    with pytest.raises(ValueError, match="length_buckets"):
+        FastPaths(length_buckets=-1)

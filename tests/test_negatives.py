@@ -133,13 +133,13 @@ def test_padded_masks_score_each_pair_as_alone(txt_db, img_db):
         expected = torch.tensor([1] * tl + [0] * (max_tl - tl) + [1] * nbb)
         assert torch.equal(a["attn_masks"][row], expected)
     with torch.no_grad():
-        s_fixed = model(a, sample_from="i", compute_loss=False)
-        s_quirk = model({k: v for k, v in b.items() if k != "gather_index"}, sample_from="i", compute_loss=False)
+        s_fixed, _ = model(a, sample_from="i", compute_loss=False)
+        s_quirk, _ = model({k: v for k, v in b.items() if k != "gather_index"}, sample_from="i", compute_loss=False)
         for row, tl in enumerate(lens.tolist()):
             alone = {"input_ids": a["input_ids"][row:row + 1, :tl], "position_ids": torch.arange(tl)[None],
                      "img_feat": a["img_feat"], "img_pos_feat": a["img_pos_feat"],
                      "attn_masks": torch.ones(1, tl + nbb, dtype=torch.long)}
-            s_alone = model(alone, sample_from="i", compute_loss=False)
+            s_alone, _ = model(alone, sample_from="i", compute_loss=False)
             torch.testing.assert_close(s_fixed[row], s_alone[0], rtol=0, atol=1e-5)
             if tl < max_tl:
                 assert (s_quirk[row] - s_alone[0]).abs().item() > 1e-4

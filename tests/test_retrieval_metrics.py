@@ -285,7 +285,7 @@ def test_quick_validation_counts_ranks_the_same_way():
 
     class FixedScores(torch.nn.Module):
         def forward(self, batch, compute_loss=False):
-            return batch["scores"][:, None]
+            return batch["scores"][:, None], {}
 
     batches = [{"scores": torch.tensor([0.9, 0.1, 0.5])},                 # rank 1
                {"scores": torch.tensor([0.2, 0.5, 0.2, 0.3, 0.0])},       # 0.5, the tied 0.2, 0.3 above: rank 4

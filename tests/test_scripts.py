@@ -224,8 +224,8 @@ def test_device_benchmark_runs_on_the_cpu(tmp_path):
     assert out["device_fed_train_iais_bf16_steps_per_s"] > 0 and 0 <= out["device_fed_train_waiting_for_loader"] < 1
     # FLOPs per pair against torch's FLOP counter on the eager path (which counts attention)
     from torch.utils.flop_counter import FlopCounterMode
-    from model import UniterForImageTextRetrieval
-    model = UniterForImageTextRetrieval(config, 2048, 1).eval().set_fused_attention(False)
+    from model import FastPaths, UniterForImageTextRetrieval
+    model = UniterForImageTextRetrieval(config, 2048, 1, fast_paths=FastPaths(fused_attention=False)).eval()
     tl, nbb = 6, 10
     batch = {"input_ids": torch.randint(106, 500, (1, tl)), "position_ids": torch.arange(tl)[None],
              "img_feat": torch.randn(1, nbb, 2048), "img_pos_feat": torch.rand(1, nbb, 7),

@@ -14,7 +14,7 @@ import torch
 from data import DataError
 from model import UniterConfig
 from model.layer import ACT2FN
-from model.model import _normalise_checkpoint_keys
+from model.model import normalise_checkpoint_keys
 
 from .checkpoint import CheckpointError, load_model_state
 from .config import ConfigError, load_json
@@ -59,7 +59,7 @@ def _check_filled(model, state, path, allow_random_init):
     """Refuse a checkpoint that leaves part of the UNITER body (embeddings, encoder layers,
     pooler) at random initialisation or holds layers the model does not have."""
     own = [k for k in model.state_dict() if k.startswith("uniter.")]
-    loaded = [k for k in _normalise_checkpoint_keys(state) if k.startswith("uniter.")]
+    loaded = [k for k in normalise_checkpoint_keys(state) if k.startswith("uniter.")]
     missing = sorted(set(own) - set(loaded))
     unused = sorted(set(loaded) - set(own))
     if not missing and not unused:

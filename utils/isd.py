@@ -7,7 +7,7 @@ the attention-based mapping by annotated phrase-to-box alignments.
 """
 import torch
 
-from model.iais import VARIANTS, attention_blocks, kl_batchmean, pair_loss
+from model.iais import VARIANTS, IaisVariant, attention_blocks, kl_batchmean, pair_loss
 from model.layer import additive_mask
 
 
@@ -16,8 +16,7 @@ def layer_attention_blocks(model, batch):
     """Per layer, the head-averaged (txt, img, t2i, i2t) attention blocks of every row of
     a padded-layout batch (``txt_attn_masks``/``img_attn_masks`` for all rows)."""
     uniter = model.uniter
-    hidden = uniter._compute_img_txt_embeddings(batch["input_ids"], batch["position_ids"],
-                                                batch["img_feat"], batch["img_pos_feat"])
+    hidden = uniter.embed(batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"])
     bias = additive_mask(batch["attn_masks"][:, None, None, :], hidden.dtype)
     max_tl = batch["input_ids"].size(1)
     out = []
@@ -31,7 +30,7 @@ def layer_attention_blocks(model, batch):
 def pair_isd(blocks, j, n_words, n_boxes):
     """{variant: distance} of row j of one layer's blocks."""
     txt, img, t2i, i2t = (b[j] for b in blocks)
-    return {v: float(pair_loss(v, txt, img, t2i, i2t, n_words, n_boxes)) for v in VARIANTS}
+    return {v: float(pair_loss(IaisVariant.parse(v), txt, img, t2i, i2t, n_words, n_boxes)) for v in VARIANTS}
 
 
 def annotated_isd(txt, img, alignments):
