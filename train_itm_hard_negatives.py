@@ -210,9 +210,9 @@ def main(opts):
 
     train_step = build_train_step(opts, state, device, amp_dtype)
 
-    def validation():
+    def validation(step):
         with autocast(device, amp_dtype):
-            return validation_scalars(model, val_loader, opts.full_val, opts.original_counting)
+            return validation_scalars(model, val_loader, step, opts.full_val, opts.original_counting)
 
     last_step = train(train_step, state, folders.ckpt, start_step=start_step, num_train_steps=opts.num_train_steps,
                       valid_steps=opts.valid_steps, validate=validation, tb=tb)

@@ -113,11 +113,11 @@ def format_recall_table(log, original_counting=False):
     return "\n".join(lines)
 
 
-def validation_scalars(model, loader, full, original_counting=False):
-    """TensorBoard scalars of a validation pass: the full R@K table (``full``: ``loader``
-    holds an ItmEvalDataset) or the quick recall (an ItmValDataset)."""
+def validation_scalars(model, loader, step, full, original_counting=False):
+    """TensorBoard scalars of the validation pass at ``step``: the full R@K table (``full``:
+    ``loader`` holds an ItmEvalDataset) or the quick recall (an ItmValDataset)."""
     if not full:
         return validate(model, loader)
     log = evaluate(model, loader, original_counting=original_counting)
-    LOGGER.info("validation:\n%s", format_recall_table(log, original_counting))
+    LOGGER.info("step %d validation:\n%s", step, format_recall_table(log, original_counting))
     return {f"valid/{k}": v for k, v in log.items()}

@@ -24,8 +24,8 @@ def log_step(tb, step, report, meters, ex_per_s):
 
 def train(train_step, state, ckpt_dir, *, start_step, num_train_steps, valid_steps, validate, tb):
     """Steps ``start_step + 1 .. num_train_steps`` of ``train_step`` (an engine.TrainStep)
-    on ``state`` (an engine.TrainingState); ``validate()`` gives the scalars logged before
-    each checkpoint. -> the last step."""
+    on ``state`` (an engine.TrainingState); ``validate(step)`` gives the scalars logged
+    before each checkpoint. -> the last step."""
     meters = {k: RunningMeter(k) for k in ("loss", "rank_loss", "self_attn_loss")}
     pbar = tqdm(total=num_train_steps, initial=start_step, disable=not dist.is_main_process(), desc="train")
     rows, start = 0, time()
@@ -44,7 +44,7 @@ def train(train_step, state, ckpt_dir, *, start_step, num_train_steps, valid_ste
         pbar.update(1)
         pbar.set_postfix(loss=f"{meters['loss'].val:.4f}", ex_s=f"{ex_per_s:.0f}")
         if step % valid_steps == 0 or step == num_train_steps:
-            tb.log_scalar_dict(validate(), step)
+            tb.log_scalar_dict(validate(step), step)
             save_checkpoint(state, ckpt_dir, step)
     pbar.close()
     return step
