@@ -57,22 +57,28 @@ def kl_batchmean(log_input, target):
     return F.kl_div(log_input, target, reduction="batchmean")
 
 
-def singular_alignment(self_attn, other_attn, cross_attn):
-    """Align a modality's self-attention with the other modality's self-attention
-    re-indexed by each unit's most attended counterpart.
-
-    self_attn [L, L], other_attn [n, n], cross_attn [L, m] (m >= n; padded columns are 0).
-    The re-indexed probabilities go through a second softmax, as in the original code.
-    """
+def singular_pseudo(other_attn, cross_attn):
+    """The other modality's self-attention other_attn [n, n] re-indexed by each unit's most
+    attended counterpart (argmax over cross_attn [L, m], m >= n, padded columns 0): [L, L].
+    The re-indexed probabilities go through a second softmax, as in the original code."""
     idx = cross_attn.argmax(-1).detach()
-    pseudo = torch.softmax(other_attn[idx][:, idx], dim=-1)
+    return torch.softmax(other_attn[idx][:, idx], dim=-1)
+
+
+def distributed_pseudo(to_other, from_other):
+    """Attention routed through the other modality: to_other [L, n] @ from_other [n, L]."""
+    return to_other @ from_other
+
+
+def singular_alignment(self_attn, other_attn, cross_attn):
+    """Align a modality's self-attention self_attn [L, L] with :func:`singular_pseudo`."""
+    pseudo = singular_pseudo(other_attn, cross_attn)
     return kl_batchmean(self_attn.log(), pseudo) + kl_batchmean(pseudo.log(), self_attn)
 
 
 def distributed_alignment(self_attn, to_other, from_other):
-    """Align a modality's self-attention with the attention routed through the other
-    modality: pseudo = to_other [L, n] @ from_other [n, L]."""
-    pseudo = to_other @ from_other
+    """Align a modality's self-attention self_attn [L, L] with :func:`distributed_pseudo`."""
+    pseudo = distributed_pseudo(to_other, from_other)
     return (kl_batchmean(torch.log(self_attn + DISTRIBUTED_EPS), pseudo)
             + kl_batchmean(torch.log(pseudo + DISTRIBUTED_EPS), self_attn))
 

@@ -10,10 +10,8 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-
-import torch
-
 from data import DataError
+from model.iais import distributed_pseudo, singular_pseudo
 from scripts.checkpoint_split import open_split, split_parser
 from utils.cli import run
 from utils.config import ConfigError, load_json
@@ -54,9 +52,8 @@ def main(opts):
     _, batch, n_words, n_boxes = dataset.pair_batch(dataset.ids.index(opts.txt_id))
     txt, img, t2i, i2t = (b[0] for b in layer_attention_blocks(model, batch)[opts.layer])
     txt, img = txt[:n_words, :n_words], img[:n_boxes, :n_boxes]
-    idx = t2i[:n_words].argmax(-1)
-    singular = torch.softmax(img[idx][:, idx], dim=-1)
-    distributed = t2i[:n_words, :n_boxes] @ i2t[:n_boxes, :n_words]
+    singular = singular_pseudo(img, t2i[:n_words])
+    distributed = distributed_pseudo(t2i[:n_words, :n_boxes], i2t[:n_boxes, :n_words])
     words = token_names(dataset.txt_db[opts.txt_id]["input_ids"], opts.vocab)
     boxes = [str(k) for k in range(n_boxes)]
 
