@@ -126,10 +126,11 @@ def test_pair_batch_is_the_one_image_validation_batch(txt_db, img_db):
         assert n_boxes == img_db.name2nbb[txt_db.txt2img[txt_id]] == int(batch["img_attn_masks"].sum())
 
 
-def test_only_training_datasets_carry_lens(txt_db, img_db):
+def test_image_side_negatives_come_from_its_own_shard(txt_db, img_db):
     ds = ItmRankDatasetHardNegFromImage(txt_db, img_db, 7, rank=1, world_size=2)
-    assert ds.lens == [len(txt_db[t]["input_ids"]) + img_db.name2nbb[txt_db.txt2img[t]] for t in ds.ids]
-    assert not hasattr(ItmValDataset(txt_db, img_db, 5), "lens")
+    assert ds.txt_name_list == ds.ids == list(txt_db.id2len)[1::2]
+    assert ds.txt2img == txt_db.txt2img  # the whole split's links, as CaptionDataset documents
+    assert ds[0]["input_ids"].size(0) == 8  # its caption and 7 negatives
 
 
 def test_rank_outside_the_world_is_refused(txt_db, img_db):
