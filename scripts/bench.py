@@ -169,12 +169,12 @@ def fast_paths(fast, buckets=16):
     return FastPaths(length_buckets=buckets) if fast else FastPaths.original()
 
 
-def small_model(fused, hard_size=7):
+def small_model(fast, hard_size=7):
     """The benchmark's model, with the same weights whatever the fast paths."""
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    return UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size, fast_paths=fast_paths(fused))
+    return UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size, fast_paths=fast_paths(fast))
 
 
 def text_side_batch(root, negatives, seed, IAIS=False, index=0):
@@ -185,8 +185,8 @@ def text_side_batch(root, negatives, seed, IAIS=False, index=0):
 def bench_eval(root, min_time):
     batch = text_side_batch(root, 63, seed=0)
     out, scores = {}, {}
-    for name, fused in (("fused", True), ("plain", False)):
-        model = small_model(fused).eval()
+    for name, fast in (("fused", True), ("plain", False)):
+        model = small_model(fast).eval()
         with torch.no_grad():
             scores[name] = model(batch, "t", compute_loss=False)[0]
             out[f"eval_{name}_pairs_per_s"] = 64 * rate(lambda: model(batch, "t", compute_loss=False), min_time)
@@ -206,8 +206,8 @@ def bench_train(root, min_time):
     for iais in (False, "singular"):
         batch = text_side_batch(root, 63, seed=1, IAIS=iais, index=3)
         losses = {}
-        for name, fused in (("fused", True), ("plain", False)):
-            model = small_model(fused).train()
+        for name, fast in (("fused", True), ("plain", False)):
+            model = small_model(fast).train()
 
             def step():
                 model.zero_grad()

@@ -10,7 +10,7 @@ import torch
 from data import (ItmEvalDataset, ItmRankDatasetHardNegFromText, PrefetchLoader, ResumableStream,
                   itm_eval_collate, itm_rank_hn_collate, make_loader)
 from engine.evaluation import inference
-from model import FastPaths, UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
+from model import FastPaths, UniterConfig, UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
 from scripts.bench import fast_paths, fed_loop, open_bench_dbs, train_loss
 from scripts.timing import rate
 
@@ -37,6 +37,13 @@ def forward_flops_per_pair(config, txt_len, num_bb, img_dim=2048):
     full_layer = seq * (4 * h * h + 2 * h * inter) + 2 * seq * seq * h
     last_layer = seq * 2 * h * h + (2 * h * h + 2 * h * inter) + 2 * seq * h
     return 2 * ((layers - 1) * full_layer + last_layer + num_bb * (img_dim + 7) * h + h * h + h)
+
+
+def without_dropout(config):
+    """A copy of the UniterConfig ``config`` with dropout off: rates are measured on the
+    deterministic computation, and the caller's config stays as it is."""
+    return UniterConfig.from_dict({**config.to_dict(), "hidden_dropout_prob": 0.0,
+                                   "attention_probs_dropout_prob": 0.0})
 
 
 def _sync(device):
@@ -76,16 +83,16 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
     (score ``n``, train ``hard`` + 1) on ``device`` under bf16 and fp16 autocast, with model
     FLOP utilisation when ``peak_tflops`` is given; with a text-side IAIS training ``stream``
     (batches on ``device``), the bf16 training step fed by it and how long it waits for it."""
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config = without_dropout(config)
     sync = _sync(device)
     batch = _synthetic_batch(config, device, n, txt_len, num_bb)
     iais_batch = {k: v for k, v in batch.items() if k != "gather_index"}
     flops = forward_flops_per_pair(config, txt_len, num_bb)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        for fused in (True, False):
-            model = _hard_negative_model(config, device, hard, fused)
-            tag = f"{dtype_name}_{'fused' if fused else 'plain'}"
+        for fast in (True, False):
+            model = _hard_negative_model(config, device, hard, fast)
+            tag = f"{dtype_name}_{'fused' if fast else 'plain'}"
 
             def score():
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
@@ -146,7 +153,7 @@ def bench_evaluation(root, device, config, min_time, n_texts=200, mini_batch=400
     pass), and the whole pipeline as inf_itm.py runs it (loader threads, image sides uploaded
     once per pass); pairs/s, MFU of the useful FLOPs, and the release test sets projected
     from the pipeline's rate."""
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    config = without_dropout(config)
     sync = _sync(device)
     dataset, txt_lens, num_bbs = _eval_dataset(root, n_texts, mini_batch)
     flops_per_pair = float(forward_flops_per_pair(config, txt_lens[:, None], num_bbs[None, :]).mean())
