@@ -1,20 +1,21 @@
-"""DataError, and the JSON reads of the DBs' index files that raise it with the file named."""
+"""DataError, and reading JSON files with one-line errors that name the file."""
 import json
-from os.path import exists
 
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file or key at fault."""
 
 
-def load_json(path):
-    if not exists(path):
-        raise DataError(f"{path} not found")
+def load_json(path, what=None, error=DataError):
+    """The JSON value in ``path``; a one-line ``error`` naming the file (and ``what`` it is)
+    when it is missing or not valid JSON."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise error(f"{what} file {path} not found" if what else f"{path} not found") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise error(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def load_json_map(path, value_type, what):

@@ -9,6 +9,8 @@ import json
 import math
 import sys
 
+from data import errors as data_errors
+
 
 class ConfigError(ValueError):
     pass
@@ -66,13 +68,7 @@ def _closest(name, known):
 
 
 def load_json(path, what="config"):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{what} file {path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    return data_errors.load_json(path, what, ConfigError)
 
 
 def _check_type(action, key, value, source):
@@ -201,3 +197,10 @@ def add_box_selection_args(parser, num_bb=36):
     a("--max_bb", type=int, default=100, valid=POSITIVE, help="max boxes per image")
     a("--min_bb", type=int, default=10, valid=NON_NEGATIVE, help="min boxes per image")
     a("--num_bb", type=int, default=num_bb, valid=POSITIVE, help="boxes per image when conf_th is -1")
+
+
+def add_counting_arg(parser):
+    """--original_counting, shared by training and inference."""
+    parser.add_argument("--original_counting", type=int, choices=[0, 1], default=0,
+                        help="0: textbook recall; 1: image-retrieval R@K counted as the original code "
+                             "(the paper's numbers)")
