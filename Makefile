@@ -41,7 +41,7 @@ $(VENV)/.runtime: $(REQUIREMENTS)
 	$(PIP) install -r $(VENV)/requirements-without-torch.txt
 	touch $@
 
-# `python scripts/x.py` imports the repository's packages (data, model, utils, scripts): a .pth
+# `python scripts/x.py` imports the repository's packages (data, model, engine, utils, scripts): a .pth
 # file in the venv's site-packages puts the repository root on its path. Nothing is built or
 # downloaded for that, so it works offline.
 $(VENV)/.repo-path: $(VENV)/.runtime

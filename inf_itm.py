@@ -16,15 +16,15 @@ import json
 import os
 from os.path import join
 
-from data import (WORKER_TYPES, DetectFeatLmdb, ItmEvalDataset, PrefetchLoader, TxtTokLmdb, itm_eval_collate,
-                  make_loader)
+from data import WORKER_TYPES, DetectFeatLmdb, ItmEvalDataset, TxtTokLmdb, itm_eval_collate, prefetch_loader
+from engine.evaluation import format_recall_table, gather_scores, itm_eval
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
 from utils.checkpoint import atomic_save
 from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
-from utils.config import NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, make_parser, take_settings
-from engine.evaluation import add_counting_arg, format_recall_table, gather_scores, itm_eval
+from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, add_counting_arg, make_parser,
+                          take_settings)
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
 from utils.retrieval_metrics import counting_name, gt_image_index, topk_records
@@ -105,8 +105,7 @@ def main(opts):
         model.init_output()
     model.to(device).eval()
 
-    loader = PrefetchLoader(make_loader(dataset, itm_eval_collate, opts.n_workers, opts.pin_mem, opts.worker_type),
-                            device)
+    loader = prefetch_loader(dataset, itm_eval_collate, opts.n_workers, opts.pin_mem, opts.worker_type, device)
     with autocast(device, amp_dtype):
         scores, txt_ids, img_ids = gather_scores(model, loader)
     check_scores_finite(scores, txt_ids, img_ids, opts.allow_nonfinite_scores)

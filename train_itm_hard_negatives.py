@@ -14,19 +14,20 @@ from functools import partial
 from torch.utils.data import ConcatDataset
 
 from data import (DataError, WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRankDatasetHardNegFromImage,
-                  ItmRankDatasetHardNegFromText, ItmValDataset, PrefetchLoader, ResumableStream,
-                  TxtTokLmdb, itm_eval_collate, itm_rank_hn_collate, make_loader)
+                  ItmRankDatasetHardNegFromText, ItmValDataset, ResumableStream, TxtTokLmdb, itm_eval_collate,
+                  itm_rank_hn_collate, prefetch_loader)
 from data.groups import read_image_groups
 from engine.checkpointing import TrainingState, resume
-from engine.evaluation import add_counting_arg, evaluate, format_recall_table, validation_scalars
-from engine.output_dir import claim, decide_on_every_rank, lay_out, should_resume, write_test_results
+from engine.evaluation import evaluate, format_recall_table, validation_scalars
+from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume, write_test_results
 from engine.train_step import TrainStep
 from engine.training import train
 from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
 from utils import distributed as dist
 from utils.checks import check_split, load_model
 from utils.cli import run
-from utils.config import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, make_parser
+from utils.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, add_counting_arg,
+                          make_parser)
 from utils.logger import LOGGER, TensorBoardLogger, setup_logging
 from utils.misc import set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched
@@ -147,40 +148,41 @@ def build_datasets(opts):
                                    opts.inf_minibatch_size, **shard)}
 
 
-def check_splits(dsets, model_config):
+def check_splits(dsets, uniter_config):
     for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
-        check_split(dset.txt_db, dset.img_db, model_config, IMG_DIM)
+        check_split(dset.txt_db, dset.img_db, uniter_config, IMG_DIM)
 
 
-def training_streams(dsets, seed, loading, device):
+def training_streams(dsets, seed, n_workers, pin_mem, worker_type, device):
     """{side: endless stream of hard-negative batches}; each rank and side shuffles and
     draws negatives from its own seed."""
     stream_seed = 2 * (seed * 1000 + dist.get_rank())
-    n_workers, pin_mem, worker_type = loading
     return {side: ResumableStream(dsets[side], itm_rank_hn_collate, stream_seed + k, n_workers, pin_mem, device,
                                   worker_type)
             for k, side in enumerate(("text", "image"))}
 
 
-def eval_loader(dataset, loading, device):
-    n_workers, pin_mem, worker_type = loading
-    return PrefetchLoader(make_loader(dataset, itm_eval_collate, n_workers, pin_mem, worker_type), device)
-
-
 def build_train_step(opts, state, device, amp_dtype):
     lr_at = partial(get_lr_sched, learning_rate=opts.learning_rate, warmup_steps=opts.warmup_steps,
                     num_train_steps=opts.num_train_steps)
-    return TrainStep(state.model, state.optimizer, state.scaler, micro_steps=opts.train_batch_size,
-                     iais_alignment=opts.IAIS, num_train_steps=opts.num_train_steps, lr_at=lr_at,
-                     grad_norm=opts.grad_norm, max_skipped_steps=opts.max_skipped_steps, device=device,
-                     amp_dtype=amp_dtype)
+    return TrainStep(state, positives=opts.train_batch_size, iais_alignment=opts.IAIS,
+                     num_train_steps=opts.num_train_steps, lr_at=lr_at, grad_norm=opts.grad_norm,
+                     max_skipped_steps=opts.max_skipped_steps, device=device, amp_dtype=amp_dtype)
+
+
+def log_start(opts, model, dsets):
+    LOGGER.info("data loader: %s", f"{opts.n_workers} worker {opts.worker_type}(s) per stream"
+                if opts.n_workers > 0 else "batches built in the training loop")
+    LOGGER.info("training %d parameters on %d positives per side, %d steps, IAIS: %s",
+                sum(p.numel() for p in model.parameters()), sum(dist.all_gather_object(len(dsets["text"]))),
+                opts.num_train_steps, opts.IAIS or "off")
 
 
 def main(opts):
     check_options(opts)
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
-    opts.resume = decide_on_every_rank(lambda: should_resume(opts.output_dir, opts.resume))
+    opts.resume = decided_by_rank0(lambda: should_resume(opts.output_dir, opts.resume))
     amp_dtype, use_scaler = resolve_amp(opts.fp16, opts.amp_dtype, device)
     LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s%s", device, dist.get_world_size(),
                 dist.backend_name(), amp_dtype or "off", " with loss scaling" if use_scaler else "")
@@ -190,32 +192,26 @@ def main(opts):
     dsets = build_datasets(opts)
     model = build_model(opts, device)
     check_splits(dsets, model.config)
-    opts.resume = decide_on_every_rank(lambda: claim(opts.output_dir, opts.resume))
-    folders = lay_out(opts.output_dir, opts.resume, vars(opts), opts.model_config)
+    opts.resume = decided_by_rank0(lambda: claim(opts.output_dir, opts.resume))
+    folders = make_run_folders(opts.output_dir, opts.resume, vars(opts), opts.model_config)
     tb = TensorBoardLogger(folders.log if dist.is_main_process() else None)
 
     dist.broadcast_parameters(model)
     optimizer = build_optimizer(model, opts.optim, opts.learning_rate, opts.betas, opts.weight_decay)
-    loading = (opts.n_workers, opts.pin_mem, opts.worker_type)
+    loading = (opts.n_workers, opts.pin_mem, opts.worker_type, device)
     state = TrainingState(model, optimizer, make_scaler(device, use_scaler),
-                          training_streams(dsets, opts.seed, loading, device))
-    val_loader = eval_loader(dsets["val_full" if opts.full_val else "val"], loading, device)
-    test_loader = eval_loader(dsets["test"], loading, device)
+                          training_streams(dsets, opts.seed, *loading))
+    val_loader = prefetch_loader(dsets["val_full" if opts.full_val else "val"], itm_eval_collate, *loading)
+    test_loader = prefetch_loader(dsets["test"], itm_eval_collate, *loading)
     start_step = resume(state, folders.ckpt) if opts.resume else 0
-    LOGGER.info("data loader: %s", f"{opts.n_workers} worker {opts.worker_type}(s) per stream"
-                if opts.n_workers > 0 else "batches built in the training loop")
-    LOGGER.info("training %d parameters on %d positives per side, %d steps, IAIS: %s",
-                sum(p.numel() for p in model.parameters()), sum(dist.all_gather_object(len(dsets["text"]))),
-                opts.num_train_steps, opts.IAIS or "off")
+    log_start(opts, model, dsets)
 
-    train_step = build_train_step(opts, state, device, amp_dtype)
-
-    def validation(step):
+    def validate_at(step):
         with autocast(device, amp_dtype):
             return validation_scalars(model, val_loader, step, opts.full_val, opts.original_counting)
 
-    last_step = train(train_step, state, folders.ckpt, start_step=start_step, num_train_steps=opts.num_train_steps,
-                      valid_steps=opts.valid_steps, validate=validation, tb=tb)
+    last_step = train(build_train_step(opts, state, device, amp_dtype), folders.ckpt, start_step=start_step,
+                      num_train_steps=opts.num_train_steps, valid_steps=opts.valid_steps, validate=validate_at, tb=tb)
     with autocast(device, amp_dtype):
         test_log = evaluate(model, test_loader, original_counting=opts.original_counting)
     report_test(test_log, last_step, folders, tb, opts.original_counting)

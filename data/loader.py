@@ -133,6 +133,11 @@ class PrefetchLoader:
         return getattr(self.loader, name)
 
 
+def prefetch_loader(dataset, collate_fn, n_workers, pin_memory, worker_type, device):
+    """One pass over ``dataset`` as :func:`make_loader` builds it, each batch on ``device``."""
+    return PrefetchLoader(make_loader(dataset, collate_fn, n_workers, pin_memory, worker_type), device)
+
+
 class _EpochSampler(torch.utils.data.Sampler):
     """(epoch, position, index) keys of one shuffled epoch, from ``start`` on."""
 

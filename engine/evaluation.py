@@ -4,6 +4,7 @@ from time import time
 import torch
 from tqdm import tqdm
 
+from model import scoring_mode
 from utils.distributed import all_gather_object, all_gather_rows, is_main_process
 from utils.logger import LOGGER
 from utils.retrieval_metrics import KS, RECALL_KEYS, counting_name, gt_image_index, retrieval_metrics, text_query_ranks
@@ -28,21 +29,18 @@ def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts=None, original_co
                                 "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")}
 
 
-@torch.no_grad()
 def inference(model, eval_loader):
     """Scores of this process's texts against every image: [n_txt, n_img] float32."""
-    was_training = model.training
-    model.eval()
     dset = eval_loader.dataset
     scores = torch.zeros(len(dset), len(dset.all_img_ids))
-    for i, mini_batches in enumerate(tqdm(eval_loader, desc="evaluation", disable=not is_main_process())):
-        j = 0
-        for batch in mini_batches:
-            s = model(batch, compute_loss=False)[0].squeeze(1).float().cpu()
-            scores[i, j:j + s.numel()] = s
-            j += s.numel()
-        assert j == scores.size(1)
-    model.train(was_training)
+    with scoring_mode(model):
+        for i, mini_batches in enumerate(tqdm(eval_loader, desc="evaluation", disable=not is_main_process())):
+            j = 0
+            for batch in mini_batches:
+                s = model(batch, compute_loss=False)[0].squeeze(1).float().cpu()
+                scores[i, j:j + s.numel()] = s
+                j += s.numel()
+            assert j == scores.size(1)
     return scores
 
 
@@ -71,35 +69,25 @@ def evaluate(model, eval_loader, original_counting=False):
     return log
 
 
-@torch.no_grad()
 def validate(model, val_loader):
     """Quick validation: recall@1/5/10 of each text's image among ``inf_minibatch_size``."""
-    was_training = model.training
-    model.eval()
     st = time()
     hits = torch.zeros(3)
     n = 0
-    for batch in tqdm(val_loader, desc="validation", disable=not is_main_process()):
-        scores = model(batch, compute_loss=False)[0].float().cpu().t()  # [1, candidates], the true image first
-        rank = int(text_query_ranks(scores, torch.zeros(1, dtype=torch.long)))
-        hits += torch.tensor([rank <= k for k in KS], dtype=torch.float)
-        n += 1
+    with scoring_mode(model):
+        for batch in tqdm(val_loader, desc="validation", disable=not is_main_process()):
+            scores = model(batch, compute_loss=False)[0].float().cpu().t()  # [1, candidates], the true image first
+            rank = int(text_query_ranks(scores, torch.zeros(1, dtype=torch.long)))
+            hits += torch.tensor([rank <= k for k in KS], dtype=torch.float)
+            n += 1
     totals = all_gather_object((n, hits.tolist()))
     n = sum(t[0] for t in totals)
     hits = [sum(t[1][k] for t in totals) / max(n, 1) for k in range(3)]
-    model.train(was_training)
     log = {"valid/ex_per_s": n / (time() - st), "valid/recall_1": hits[0],
            "valid/recall_5": hits[1], "valid/recall_10": hits[2]}
     LOGGER.info("validation: recall_1 %.2f, recall_5 %.2f, recall_10 %.2f",
                 hits[0] * 100, hits[1] * 100, hits[2] * 100)
     return log
-
-
-def add_counting_arg(parser):
-    """--original_counting, shared by training and inference."""
-    parser.add_argument("--original_counting", type=int, choices=[0, 1], default=0,
-                        help="0: textbook recall; 1: image-retrieval R@K counted as the original code "
-                             "(the paper's numbers)")
 
 
 def format_recall_table(log, original_counting=False):

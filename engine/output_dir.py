@@ -69,7 +69,7 @@ def claim(output_dir, resume):
     return should_resume(output_dir, resume)
 
 
-def decide_on_every_rank(decide):
+def decided_by_rank0(decide):
     """Rank 0 runs ``decide()``; every rank gets its result, or raises the same error, so
     that a user's mistake stops all ranks with one line instead of leaving them waiting."""
     outcome = None
@@ -84,7 +84,7 @@ def decide_on_every_rank(decide):
     return value
 
 
-def lay_out(output_dir, resumed, hps, model_config):
+def make_run_folders(output_dir, resumed, hps, model_config):
     """The run's folders (made by rank 0, which also logs to log/log.txt and, for a new run,
     writes the options to log/hps.json and the model config to log/model.json)."""
     folders = RunFolders(output_dir)

@@ -12,7 +12,7 @@ from .checkpointing import save_checkpoint
 
 def log_step(tb, step, report, meters, ex_per_s):
     if not report.applied:
-        tb.add_scalar("skipped_steps", report.skipped, step)
+        tb.add_scalar("skipped_steps", report.skipped_in_a_row, step)
     tb.add_scalar("lr", report.lr, step)
     tb.add_scalar("loss_step", report.loss, step)
     tb.add_scalar("grad_norm", report.grad_norm, step)
@@ -22,10 +22,11 @@ def log_step(tb, step, report, meters, ex_per_s):
             tb.add_scalar(name, meter.val, step)
 
 
-def train(train_step, state, ckpt_dir, *, start_step, num_train_steps, valid_steps, validate, tb):
-    """Steps ``start_step + 1 .. num_train_steps`` of ``train_step`` (an engine.TrainStep)
-    on ``state`` (an engine.TrainingState); ``validate(step)`` gives the scalars logged
-    before each checkpoint. -> the last step."""
+def train(train_step, ckpt_dir, *, start_step, num_train_steps, valid_steps, validate, tb):
+    """Steps ``start_step + 1 .. num_train_steps`` of ``train_step`` (an
+    engine.train_step.TrainStep); ``validate(step)`` gives the scalars logged before each
+    checkpoint of the training state. -> the last step."""
+    state = train_step.state
     meters = {k: RunningMeter(k) for k in ("loss", "rank_loss", "self_attn_loss")}
     pbar = tqdm(total=num_train_steps, initial=start_step, disable=not dist.is_main_process(), desc="train")
     rows, start = 0, time()
@@ -33,7 +34,7 @@ def train(train_step, state, ckpt_dir, *, start_step, num_train_steps, valid_ste
     state.optimizer.zero_grad(set_to_none=True)
     step = start_step
     while step < num_train_steps:
-        report = train_step(state.streams, step)
+        report = train_step(step)
         step += 1
         rows += report.rows
         for losses in report.micro_losses:
@@ -41,6 +42,8 @@ def train(train_step, state, ckpt_dir, *, start_step, num_train_steps, valid_ste
                 meters[name](value)
         ex_per_s = rows * dist.get_world_size() / max(time() - start, 1e-9)
         log_step(tb, step, report, meters, ex_per_s)
+        if report.stop is not None:
+            raise report.stop
         pbar.update(1)
         pbar.set_postfix(loss=f"{meters['loss'].val:.4f}", ex_s=f"{ex_per_s:.0f}")
         if step % valid_steps == 0 or step == num_train_steps:

@@ -24,8 +24,7 @@ import torch
 from data import DataError
 from utils.checkpoint import load_checkpoint
 from utils.cli import run
-from utils.config import ConfigError, make_parser
-from engine.evaluation import add_counting_arg
+from utils.config import ConfigError, add_counting_arg, make_parser
 from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,
                                      fold_metrics, gt_image_index, metrics_from_ranks, paired_comparison,
                                      group_indices, query_hits, query_ranks, winoground_scores)

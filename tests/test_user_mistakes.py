@@ -526,41 +526,6 @@ def test_output_dir_in_use_is_refused_then_taken_over(tmp_path, monkeypatch, cap
     assert f"pid {os.getpid()}" in (out / ".lock").read_text()
 
 
-def _unfinished_run(out):
-    for sub in ("log", "ckpt", "results_test"):
-        (out / sub).mkdir(parents=True)
-    (out / "log" / "hps.json").write_text("{}")
-    (out / "ckpt" / ".model_step_2.pt.tmp999").write_bytes(b"partial")  # killed while writing
-    (out / ".lock").write_text("pid 1 on crashed\n")
-
-
-@pytest.mark.parametrize("resume", [False, True])
-def test_run_stopped_before_its_first_checkpoint_starts_afresh(tmp_path, caplog, resume):
-    from engine.output_dir import should_resume
-    out = tmp_path / "o"
-    _unfinished_run(out)
-    assert should_resume(str(out), resume) is False
-    assert resume == any("starting from step 0" in r.getMessage() for r in caplog.records)
-
-
-@pytest.mark.parametrize("extra,resume,needle", [
-    ("results_test/results_4.json", False, "is not empty"),
-    ("notes.txt", False, "is not empty"),
-    ("notes.txt", True, "--resume: no training state"),
-    ("ckpt/model_step_2.pt", False, "is not empty")])
-def test_output_dir_with_results_is_kept(tmp_path, extra, resume, needle):
-    from engine.output_dir import should_resume
-    from utils.config import ConfigError
-    out = tmp_path / "o"
-    _unfinished_run(out)
-    (out / extra).write_text("keep me")
-    if extra.startswith("ckpt/"):
-        (out / "ckpt" / "train_state_2.pt").write_text("keep me")
-    with pytest.raises(ConfigError, match=needle):
-        should_resume(str(out), resume)
-    assert (out / extra).read_text() == "keep me"
-
-
 def test_every_rank_stops_with_the_same_line(tmp_path):
     """A mistake that only rank 0 sees (output_dir) stops both torchrun ranks with the same
     line, not with a peer's 'Connection closed by peer'."""
