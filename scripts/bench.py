@@ -197,7 +197,7 @@ def bench_eval(root, min_time):
 
 def train_loss(model, batch, iais):
     """The hard-negative ranking loss of a text-side batch, plus the IAIS loss with ``iais``."""
-    loss, _ = hard_batch_loss(model, batch, "t", IaisVariant.of("L", iais), tsa=1.0, micro_steps=1)
+    loss, _ = hard_batch_loss(model, batch, "t", IaisVariant.of("L", iais), tsa=1.0, positives=1)
     return loss
 
 
