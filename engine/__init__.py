@@ -1,2 +1,9 @@
-"""The task's engine: one training step, the training loop, checkpoints and resume,
-evaluation, and the output folder of a run. The entry points build things and call these."""
+"""The task's engine; the entry points build things and call these.
+
+train_step.py     one optimizer step (both sides' hard batches, gradient averaging, loss
+                  scaling, clipping, the non-finite policy)
+training.py       the loop: step logs, validation and checkpoints
+checkpointing.py  what a checkpoint holds; resume
+evaluation.py     score matrices, R@1/5/10, quick validation
+output_dir.py     a run's output_dir: resume or not, its lock, its folders
+"""
