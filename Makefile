@@ -43,10 +43,14 @@ $(VENV)/.runtime: $(REQUIREMENTS)
 
 # `python scripts/x.py` imports the repository's packages (data, model, engine, utils, scripts): a .pth
 # file in the venv's site-packages puts the repository root on its path. Nothing is built or
-# downloaded for that, so it works offline.
-$(VENV)/.repo-path: $(VENV)/.runtime
-	echo "$(CURDIR)" > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/iais-repository.pth"
-	touch $@
+# downloaded for that, so it works offline. It is checked at every make: a venv that names
+# another checkout (one moved, or a venv shared with another clone) would import that one's code.
+$(VENV)/.repo-path: $(VENV)/.runtime FORCE
+	@pth="$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/iais-repository.pth"; \
+	if [ "$$(cat "$$pth" 2>/dev/null)" != "$(CURDIR)" ]; then echo "$(CURDIR)" > "$$pth" && echo "$$pth: $(CURDIR)"; fi
+	@touch $@
+
+FORCE:
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PIP) install -r requirements-dev.txt

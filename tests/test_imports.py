@@ -76,3 +76,8 @@ def test_make_puts_the_repository_on_the_venv_path(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert res.returncode == 0 and res.stdout.strip() == ROOT, res.stderr
+    # a venv that names another checkout is put right at the next make
+    pth = next(venv.glob("lib/python*/site-packages/iais-repository.pth"))
+    pth.write_text(str(tmp_path / "elsewhere") + "\n")
+    res = subprocess.run(["make", f"VENV={venv}", f"{venv}/.repo-path"], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0 and pth.read_text().strip() == ROOT, res.stdout + res.stderr
