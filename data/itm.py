@@ -24,8 +24,6 @@ class _HardNegDataset(CaptionDataset):
         if neg_sample_size <= 0:
             raise ValueError("neg_sample_size must be at least 1")
         super().__init__(txt_db, img_db, rank=rank, world_size=world_size)
-        # the image side draws its negative captions among this process's own, as the original
-        self.shard_txt2img = {id_: self.txt2img[id_] for id_ in self.ids}
         self.neg_sample_size = neg_sample_size
         self.IAIS = IAIS
         self.image_groups = {img: [m for m in members if m in self.img2txts]
@@ -76,8 +74,9 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
 
     def __init__(self, *args, padded_masks=False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.txt_name_list = list(self.shard_txt2img)
-        most = max(Counter(self.shard_txt2img.values()).values())
+        # negative captions are drawn among this process's own, as the original draws them
+        self.txt_name_list = list(self.ids)
+        most = max(Counter(self.txt2img[t] for t in self.ids).values())
         self._check_pool(len(self.txt_name_list) - most,
                          f"{len(self.txt_name_list)} captions (on this process) minus the {most} of the image "
                          f"with most captions leave {len(self.txt_name_list) - most}")

@@ -10,6 +10,7 @@ import sys
 import torch
 
 from conftest import FIXTURES, IMG_DB, ROOT, TINY_CONFIG, TXT_DB, load_fixture
+from scripts.repo import child_env
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -48,17 +49,9 @@ def launch_cmd(args, launcher=None, nproc=2):
     return [PY] + args
 
 
-def with_repository(env):
-    """``env`` with this checkout first on PYTHONPATH: a script run as ``python scripts/x.py``
-    imports the packages of the code under test, whether or not (and wherever) the venv has a
-    repository on its path. The entry points at the root find them without it."""
-    path = env.get("PYTHONPATH")
-    return {**env, "PYTHONPATH": ROOT + (os.pathsep + path if path else "")}
-
-
 def run(args, launcher=None, nproc=2, timeout=300, env=None):
     return subprocess.run(launch_cmd(args, launcher, nproc), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=with_repository({**os.environ, **(env or {})}))
+                          env=child_env(**(env or {})))
 
 
 def have(tool):
