@@ -6,6 +6,8 @@ import threading
 import numpy as np
 import torch
 
+from utils.row_lengths import RowLengths
+
 
 def pad_tensors(tensors, lens=None, pad=0):
     """B x [T_i, D] -> [B, max T, D], zero (or ``pad``) filled, in the tensors' dtype."""
@@ -133,7 +135,8 @@ def iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bb
     rows = slice(None) if all_rows else slice(0, 1)
     return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
             "img_pos_feat": img_pos_feat, "attn_masks": attn_masks,
-            "txt_attn_masks": words[rows], "img_attn_masks": boxes[rows]}
+            "txt_attn_masks": words[rows], "img_attn_masks": boxes[rows],
+            "lengths": RowLengths.of_layout(txt_lens, num_bbs, padded=True, mask_rows=rows)}
 
 
 def compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, box_start):
@@ -142,4 +145,5 @@ def compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num
     attn_masks = compact_attn_masks(txt_lens, num_bbs)
     gather_index = get_gather_index(txt_lens, num_bbs, len(txt_lens), box_start, attn_masks.size(1))
     return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": img_feat,
-            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks, "gather_index": gather_index}
+            "img_pos_feat": img_pos_feat, "attn_masks": attn_masks, "gather_index": gather_index,
+            "lengths": RowLengths.of_layout(txt_lens, num_bbs, padded=False)}

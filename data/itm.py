@@ -6,6 +6,8 @@ from collections import Counter
 import torch
 from torch.utils.data import get_worker_info
 
+from utils.row_lengths import RowLengths
+
 from .batch import compact_batch, iais_batch, padded_layout_masks, shared_across_batches
 from .captions import CaptionDataset
 from .errors import DataError
@@ -99,7 +101,8 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
         if self.padded_masks:
             attn_masks, _, _ = padded_layout_masks(txt_lens, num_bbs)
             return {"input_ids": input_ids, "position_ids": position_ids, "img_feat": args[2],
-                    "img_pos_feat": args[3], "attn_masks": attn_masks}
+                    "img_pos_feat": args[3], "attn_masks": attn_masks,
+                    "lengths": RowLengths.of_layout(txt_lens, num_bbs, padded=True)}
         # boxes start after the *last* caption in the original's gather index (see get_gather_index)
         return compact_batch(*args, box_start=txt_lens[-1])
 

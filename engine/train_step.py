@@ -41,6 +41,15 @@ def hard_batch_loss(model, batch, sample_from, variant, tsa, positives):
     return rank_loss + losses["self_attn_loss"] * tsa, {"rank_loss": rank_loss, **losses}
 
 
+def read_terms(terms):
+    """[{name: 0-dim tensor}] -> [{name: float}], with one read of the device for them all:
+    a read waits for the device to finish its queue, so the micro-batches' loss terms stay
+    on the device until the step is done."""
+    values = [v.float() for batch_terms in terms for v in batch_terms.values()]
+    values = iter(torch.stack(values).tolist() if values else [])
+    return [{name: next(values) for name in batch_terms} for batch_terms in terms]
+
+
 @dataclass
 class StepReport:
     lr: float
@@ -97,17 +106,18 @@ class TrainStep:
         self.non_finite = NonFinitePolicy(max_skipped_steps)
 
     def __call__(self, step):
-        micro_losses, rows = self.accumulate(step)
+        terms, rows = self.accumulate(step)
         lr = self.lr_at(step + 1)
         grad_norm, finite, stop = self.update(step + 1, lr)
+        micro_losses = read_terms(terms)  # the update above has waited for the device already
         return StepReport(lr=lr, loss=sum(m["loss"] for m in micro_losses), micro_losses=micro_losses, rows=rows,
                           grad_norm=grad_norm, applied=finite, skipped_in_a_row=self.non_finite.skipped, stop=stop)
 
     def accumulate(self, step):
         """Forward and backward of every hard batch; gradients add up in .grad.
-        -> (per-batch losses, rows)."""
+        -> (per-batch loss terms {name: 0-dim tensor}, rows)."""
         tsa = tsa_weight(step, self.num_train_steps).to(self.device)
-        micro_losses, rows = [], 0
+        terms, rows = [], 0
         for _ in range(self.positives):
             for side in SIDES:
                 batch = next(self.state.streams[side.stream])
@@ -116,9 +126,9 @@ class TrainStep:
                     loss, parts = hard_batch_loss(self.state.model, batch, side.sample_from,
                                                   self.variants[side.stream], tsa, self.positives)
                 self.state.scaler.scale(loss).backward()
-                micro_losses.append({"loss": loss.item(), **{
-                    k: parts[k].item() for k in ("rank_loss", "self_attn_loss") if k in parts}})
-        return micro_losses, rows
+                terms.append({"loss": loss.detach(), **{
+                    k: parts[k].detach() for k in ("rank_loss", "self_attn_loss") if k in parts}})
+        return terms, rows
 
     def update(self, step, lr):
         """Average, unscale and clip the gradients, then apply them if finite:

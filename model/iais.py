@@ -135,12 +135,14 @@ def attention_blocks(scores, txt_mask, img_mask, max_tl, fused=True):
     return tuple(b.mean(dim=1) for b in blocks)
 
 
-def iais_loss(variant, scores, txt_mask, img_mask, max_tl, fused=True):
+def iais_loss(variant, scores, txt_mask, img_mask, max_tl, fused=True, mask_counts=None):
     """Mean IAIS loss (an :class:`IaisVariant`) over the positives (scores as in
-    :func:`attention_blocks`)."""
+    :func:`attention_blocks`). mask_counts: (words, boxes), the ones of each row of
+    txt_mask/img_mask as ints; read off the masks (a wait for the device) when None."""
     txt, img, t2i, i2t = attention_blocks(scores, txt_mask, img_mask, max_tl, fused)
-    n_words = txt_mask.sum(1).tolist()
-    n_boxes = img_mask.sum(1).tolist()
+    if mask_counts is None:
+        mask_counts = (txt_mask.sum(1).tolist(), img_mask.sum(1).tolist())
+    n_words, n_boxes = mask_counts
     losses = [pair_loss(variant, txt[j], img[j], t2i[j], i2t[j], int(n_words[j]), int(n_boxes[j]))
               for j in range(scores.size(0))]
     return torch.stack(losses).mean()

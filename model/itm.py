@@ -5,6 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.row_lengths import RowLengths
+
 from .iais import IaisVariant
 from .model import UniterModel, UniterPreTrainedModel
 
@@ -95,11 +97,15 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         """(raw ranking logits [n, 1], the encoder's losses) of a batch in either layout;
         IAIS batches run on the padded concatenation, as in the original."""
         gather_index = None if iais_variant is not None else batch.get("gather_index")
+        mask_counts = None
+        if iais_variant is not None:
+            lengths = row_lengths(batch)
+            mask_counts = (lengths.words, lengths.boxes)
         sequence_output, losses = self.uniter(
             batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
             batch["attn_masks"], gather_index, batch.get("txt_attn_masks"), batch.get("img_attn_masks"),
             output_all_encoded_layers=False, iais_variant=iais_variant, pairs_num=self.pairs_num,
-            first_token_only=self.fast_paths.first_token_only)
+            first_token_only=self.fast_paths.first_token_only, mask_counts=mask_counts)
         return self.rank_output(self.uniter.pooler(sequence_output)), losses
 
     def _score(self, batch):
@@ -115,6 +121,15 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         return scores
 
 
+def row_lengths(batch):
+    """The batch's RowLengths: as its dataset built them, or read off its masks."""
+    lengths = batch.get("lengths")
+    if lengths is None:
+        lengths = RowLengths.of_masks(batch["attn_masks"], batch["input_ids"].size(1),
+                                      batch.get("txt_attn_masks"), batch.get("img_attn_masks"))
+    return lengths
+
+
 def _length_buckets(batch, size):
     """Split a one-caption-many-images batch into groups of ``size`` rows of similar
     length, each cut to its own longest row: the padding a random set of images brings
@@ -122,14 +137,18 @@ def _length_buckets(batch, size):
     None when the batch is small or its captions differ in length."""
     attn = batch["attn_masks"]
     n, tl = attn.size(0), batch["input_ids"].size(1)
-    if n < 2 * size or batch["img_feat"].size(0) != n or not bool(attn[:, :tl].all()):
+    if n < 2 * size or batch["img_feat"].size(0) != n:
         return None
-    lengths = attn.sum(1)
-    order = lengths.argsort()
+    lengths = row_lengths(batch)
+    if not lengths.text_unmasked:
+        return None
+    # on the host: the bucket boundaries are shapes, which a device tensor would have to be read for
+    order = torch.tensor(lengths.attended).argsort()
+    ascending = sorted(lengths.attended)
     out = []
     for st in range(0, n, size):
         rows = order[st:st + size]
-        m = int(lengths[rows].max())
+        m = ascending[min(st + size, n) - 1]
         sub = {"input_ids": batch["input_ids"].expand(n, -1)[rows], "position_ids": batch["position_ids"],
                "img_feat": batch["img_feat"][rows, :m - tl], "img_pos_feat": batch["img_pos_feat"][rows, :m - tl],
                "attn_masks": attn[rows, :m]}
@@ -179,18 +198,23 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
         drop ``gather_index`` (their hard forward runs on the padded concatenation).
         """
         k = self.hard_size + 1
+        lengths = row_lengths(batch)
         if scores is None:
             indices = torch.arange(k, device=batch["attn_masks"].device)
+            lengths = lengths.rows(k)
         else:
             hard = scores.squeeze(-1)[1:].topk(self.hard_size, sorted=False)[1] + 1
             indices = torch.cat([hard.new_zeros(1), hard])
+            lengths = RowLengths((), lengths.text_unmasked, lengths.words, lengths.boxes)
         attn_masks = batch["attn_masks"].index_select(0, indices)
         position_ids = batch["position_ids"]
         if position_ids.size(0) != 1:
             position_ids = position_ids[:k]
-        out = {"sample_size": k, "position_ids": position_ids}
+        out = {"sample_size": k, "position_ids": position_ids, "lengths": lengths}
         if sample_from == "t":
-            max_len = int(attn_masks.sum(dim=1).max())
+            # which negatives were chosen decides the batch's length: the one read of the step
+            # that depends on the device's results (none when every negative is kept)
+            max_len = max(lengths.attended) if scores is None else int(attn_masks.sum(dim=1).max())
             max_i = max_len - batch["input_ids"].size(1)
             attn_masks = attn_masks[:, :max_len]
             out["img_feat"] = batch["img_feat"].index_select(0, indices)[:, :max_i]

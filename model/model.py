@@ -180,7 +180,8 @@ class UniterEncoder(nn.Module):
         self.fused_attention = fused_attention
 
     def forward(self, input_, attention_mask, txt_attn_mask=None, img_attn_mask=None, max_tl=0,
-                output_all_encoded_layers=True, iais_variant=None, pairs_num=3, first_token_only=False):
+                output_all_encoded_layers=True, iais_variant=None, pairs_num=3, first_token_only=False,
+                mask_counts=None):
         """input_ [B, N, D]; attention_mask: 0/1 [B, N]. Returns (layers, losses): the
         hidden states [B, N, D] after each layer (the last one alone without
         output_all_encoded_layers), and a dict of losses.
@@ -189,7 +190,8 @@ class UniterEncoder(nn.Module):
         positives (rows 0, pairs_num, 2*pairs_num, ...) on the hidden states entering the
         last layer, as losses['self_attn_loss'] and losses['self_attn_loss/layer_{N-1}'];
         txt_attn_mask/img_attn_mask are their 0/1 position masks [P, N] and max_tl the
-        padded text length.
+        padded text length; mask_counts (words, boxes), the ones of each row of the two
+        masks as ints (read off the masks when None).
         first_token_only: the last layer computes the [CLS] position only ([B, 1, D]).
         """
         bias = additive_mask(attention_mask[:, None, None, :], input_.dtype)
@@ -200,7 +202,7 @@ class UniterEncoder(nn.Module):
             if iais_variant is not None and i == last:
                 scores = layer_module.attention.self.attention_scores(hidden_states[::pairs_num])
                 loss = iais_loss(iais_variant, scores, txt_attn_mask, img_attn_mask, max_tl,
-                                 self.fused_attention)
+                                 self.fused_attention, mask_counts)
                 losses[f"self_attn_loss/layer_{i}"] = loss
                 losses["self_attn_loss"] = loss
             hidden_states = layer_module(hidden_states, bias, first_token_only and i == last)
@@ -245,10 +247,11 @@ class UniterModel(UniterPreTrainedModel):
     def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                 gather_index=None, txt_attn_mask=None, img_attn_mask=None,
                 output_all_encoded_layers=True, iais_variant=None, txt_type_ids=None,
-                img_type_ids=None, pairs_num=3, first_token_only=False):
+                img_type_ids=None, pairs_num=3, first_token_only=False, mask_counts=None):
         """Returns (sequence_output, losses): the list of every layer's hidden states
         [B, N, D], or with output_all_encoded_layers=False the last layer's [B, N, D]; and
-        the encoder's losses ({} without iais_variant; see :class:`UniterEncoder`).
+        the encoder's losses ({} without iais_variant; see :class:`UniterEncoder`, also for
+        mask_counts).
 
         first_token_only (with output_all_encoded_layers=False): the output is the [CLS]
         position alone, [B, 1, D], which is all the pooler reads; it saves most of the last
@@ -263,5 +266,5 @@ class UniterModel(UniterPreTrainedModel):
         layers, losses = self.encoder(
             embedding_output, attention_mask, txt_attn_mask, img_attn_mask, input_ids.size(1),
             output_all_encoded_layers=output_all_encoded_layers, iais_variant=iais_variant,
-            pairs_num=pairs_num, first_token_only=first_token_only)
+            pairs_num=pairs_num, first_token_only=first_token_only, mask_counts=mask_counts)
         return (layers if output_all_encoded_layers else layers[-1]), losses

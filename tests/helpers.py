@@ -93,3 +93,17 @@ def check_against_reference(img_db):
         assert list(as_loaded.shape) == ref["shape"]
         assert hashlib.sha256(as_loaded.tobytes()).hexdigest() == ref["features_sha256"]
         assert torch.equal(norm_bb, ref["norm_bb"].float())
+
+
+def same_batch(a, b):
+    """Whether two batches hold the same keys and values: tensors equal element by element
+    and in dtype, everything else (their RowLengths) equal."""
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype if torch.is_tensor(a[k]) else a[k] == b[k]
+               for k in a)
+
+
+def clone_batch(batch):
+    """A copy of a batch whose tensors own their memory (a loader may reuse the originals')."""
+    return {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}

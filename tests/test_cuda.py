@@ -27,7 +27,7 @@ def tiny_model(fused=True):
 
 
 def on_cuda(batch):
-    return {k: v.to(CUDA) for k, v in batch.items()}
+    return {k: v.to(CUDA) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def iais_case():

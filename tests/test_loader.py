@@ -11,6 +11,7 @@ from data import (DataError, ItmEvalDataset, ItmRankDatasetHardNegFromText, Pref
                   ThreadLoader, itm_eval_collate, itm_rank_hn_collate, make_loader)
 from data.batch import shared_across_batches
 from data.loader import _Uploader
+from helpers import clone_batch, same_batch
 
 
 def test_prefetch_loader_passes_batches_through_on_cpu(txt_db, img_db):
@@ -38,7 +39,7 @@ def test_resumable_stream_continues_where_it_stopped(txt_db, img_db):
 
 def _stream_batches(ds, n, **kwargs):
     stream = ResumableStream(ds, itm_rank_hn_collate, seed=5, **kwargs)
-    return [{k: v.clone() for k, v in next(stream).items()} for _ in range(n)], stream.state_dict()
+    return [clone_batch(next(stream)) for _ in range(n)], stream.state_dict()
 
 
 @pytest.mark.parametrize("iais", [False, True], ids=["compact", "iais"])
@@ -54,7 +55,7 @@ def test_stream_batches_do_not_depend_on_the_workers(txt_db, img_db, iais):
         batches, other_state = _stream_batches(ds, 65, **kwargs)
         assert other_state == state == {"epoch": 1, "pos": 5}
         for a, b in zip(inline, batches):
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), kwargs
+            assert same_batch(a, b), kwargs
 
 
 def test_thread_loader_order_errors_and_eval_batches(txt_db, img_db):
@@ -83,7 +84,7 @@ def test_thread_loader_order_errors_and_eval_batches(txt_db, img_db):
         assert len(other) == len(inline)
         for a, b in zip(other, inline):
             for x, y in zip(a, b):
-                assert all(torch.equal(x[k], y[k]) for k in x), kind
+                assert same_batch(x, y), kind
 
 
 def test_shared_tensors_move_to_the_device_once():

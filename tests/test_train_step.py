@@ -1,13 +1,16 @@
 """engine/train_step.py: one optimizer step against the original's gradients, the
-learning rate and IAIS weight it uses, and the non-finite policy."""
+learning rate and IAIS weight it uses, the non-finite policy, and how often it waits for
+the device."""
 import itertools
+import random
 
 import pytest
 import torch
 
 from conftest import TINY_CONFIG, load_fixture
 from engine.checkpointing import TrainingState
-from engine.train_step import SIDES, NonFinitePolicy, TrainStep, hard_batch_loss
+from data import ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
+from engine.train_step import SIDES, NonFinitePolicy, TrainStep, hard_batch_loss, read_terms
 from model import FastPaths, IaisVariant, UniterConfig, UniterForImageTextRetrievalHardNeg
 from utils.cli import TrainingError
 from utils.optim import tsa_weight
@@ -93,3 +96,59 @@ def test_policy_counts_skips_in_a_row_only():
     outcomes = [policy.record(step, finite, None, None) for step, finite in enumerate([False, True, False])]
     assert outcomes == [None, None, None] and policy.skipped == 1
     assert isinstance(policy.record(3, False, None, None), TrainingError)
+
+
+# what waits for the device: every way a tensor's value reaches the host
+DEVICE_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
+
+
+def count_device_reads(monkeypatch, fn):
+    """fn() with every host read of a tensor's value counted -> (its result, the count)."""
+    count = [0]
+    for name in DEVICE_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            count[0] += 1
+            return _original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    try:
+        result = fn()
+    finally:
+        monkeypatch.undo()
+    return result, count[0]
+
+
+def _reads_of_one_step(monkeypatch, ref_model_state, txt_db, img_db, positives, negatives, alignment):
+    """Device reads during one TrainStep of ``positives`` positives, its batches built beforehand
+    (the loader's own work is not the step's)."""
+    iais = alignment or False
+    sides = {"image": ItmRankDatasetHardNegFromImage(txt_db, img_db, negatives, IAIS=iais),
+             "text": ItmRankDatasetHardNegFromText(txt_db, img_db, negatives, IAIS=iais)}
+    streams = {name: iter([ds[i] for i in range(positives)]) for name, ds in sides.items()}
+    state = tiny_state(ref_model_state, streams, lr=1e-3)
+    step = TrainStep(state, positives=positives, iais_alignment=alignment, num_train_steps=10, lr_at=lambda s: 1e-3,
+                     grad_norm=2.0, max_skipped_steps=3, device=torch.device("cpu"), amp_dtype=None)
+    report, reads = count_device_reads(monkeypatch, lambda: step(0))
+    assert len(report.micro_losses) == 2 * positives and report.applied
+    return reads
+
+
+@pytest.mark.parametrize("alignment", [None, "singular", "distributed"])
+def test_the_step_reads_the_device_a_fixed_number_of_times(monkeypatch, ref_model_state, txt_db, img_db, alignment):
+    """Loss terms stay on the device until the step is done: whatever train_batch_size, one
+    step reads the device twice (gradient finiteness, then every loss term at once) when every
+    negative is trained (the demo), plus once per text-side batch whose hard negatives were
+    chosen by score (the chosen rows decide the batch's length)."""
+    random.seed(0)
+    kept = [_reads_of_one_step(monkeypatch, ref_model_state, txt_db, img_db, n, 3, alignment) for n in (1, 4)]
+    assert kept == [2, 2]
+    chosen = [_reads_of_one_step(monkeypatch, ref_model_state, txt_db, img_db, n, 7, alignment) for n in (1, 4)]
+    assert chosen == [2 + 1, 2 + 4]
+
+
+def test_read_terms_gives_each_value_as_item_would():
+    terms = [{"loss": torch.tensor(0.1), "rank_loss": torch.tensor(1 / 3)},
+             {"loss": torch.tensor(2.5, dtype=torch.bfloat16)}, {}]
+    assert read_terms(terms) == [{k: v.item() for k, v in t.items()} for t in terms]
+    assert read_terms([]) == [] and read_terms([{}]) == [{}]
