@@ -12,6 +12,7 @@ scripts/retrieval_metrics.py), output_dir/config.json and, with --dump_topk K,
 output_dir/topk.jsonl (each query's K best candidates and the rank of its true match). A
 checkpoint without ``rank_output`` (a pre-trained UNITER) is evaluated zero-shot from its ITM head.
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import json
 import os
 from os.path import join

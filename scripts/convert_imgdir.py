@@ -8,6 +8,7 @@ nbb; arrays are stored as float16, cut to the boxes the setting keeps (all of th
 --keep_all). Unreadable files and unusable ones (no box, features not 2048-d, arrays of
 different lengths, non-finite values) are skipped and listed at the end.
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import glob
 import multiprocessing as mp
 from functools import partial

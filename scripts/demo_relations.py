@@ -13,6 +13,7 @@ scripts/isd.py at the last layer. Writes OUTPUT/relations.json (every run, the m
 spread per variant, and paired bootstrap comparisons of IAIS against the fair baseline)
 and prints a table.
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import argparse
 import json
 import os

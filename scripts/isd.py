@@ -11,6 +11,7 @@ phrase-to-box alignments in the style of Flickr30k Entities; word indices count 
 caption's WordPiece tokens from 0 (no [CLS]), box indices the image's regions in img_db
 order (see scripts/examples/isda_annotations.json).
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import json
 import os
 from os.path import join

@@ -17,6 +17,7 @@ paths under --output.
 
     python scripts/make_demo_data.py --output demo        # ~5 s on 2 cores
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import json
 import os
 import time

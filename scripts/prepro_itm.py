@@ -11,6 +11,7 @@ img_dbs: Flickr30k "flickr30k_{stem:012d}.npz" (1000092795.jpg -> flickr30k_0010
 COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change it with
 --img_fname (fields: stem, filename, filepath, cocoid, imgid, dataset).
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import os
 import re
 from os.path import exists, join

@@ -12,6 +12,7 @@ needs the fields id, image_0, image_1, caption_0 and caption_1. An image's img_f
 scripts/convert_imgdir.py gives the BUTD features of images/ex_0_img_0.png saved as
 ex_0_img_0.npz.
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import json
 import os
 from os.path import join

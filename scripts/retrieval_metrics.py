@@ -17,6 +17,7 @@ resampled queries; B = 1000 unless --bootstrap is given); 'winoground' (--groups
 image and group scores of Thrush et al. 2022 over a JSON list of
 {caption_0, caption_1, image_0, image_1} text and image ids, and their number n).
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import json
 
 import torch

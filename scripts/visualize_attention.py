@@ -10,6 +10,7 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 from data import DataError
 from model.iais import distributed_pseudo, singular_pseudo
 from scripts.checkpoint_split import open_split, split_parser

@@ -1,11 +1,13 @@
 import os
 import sys
 
-import pytest
-import torch
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import utils.threads  # noqa: E402,F401  (before torch: OpenMP reads its wait policy when torch loads it)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "original")
 TXT_DB = os.path.join(FIXTURES, "orig_db", "txt_db", "itm_flickr30k_test.db")
 IMG_DB = os.path.join(FIXTURES, "orig_db", "img_db", "flickr30k")
