@@ -12,6 +12,8 @@ CPU workloads (README: one run of each, this code, the plain path and the origin
   eval        no-grad scoring, 4 layers / 256 hidden / 4 heads, 1 text x 64 images: pairs/s
   train       hard-negative step (63 negatives -> 7 hard, forward + backward), with and
               without IAIS: steps/s
+  util        UNITER-base at the release's lengths, no-grad scoring and an IAIS training
+              step: model FLOP/s as a share of this host's fp32 matmul rate, measured here
 The plain path is what the original does: decode every array (soft_labels included),
 convert to float32, pad box by box, eager attention, four IAIS attention passes. Values
 of both paths are compared. With --gpu, UNITER-base scoring and a training step with IAIS
@@ -22,6 +24,7 @@ evaluation projected to the release's test sets (scripts/bench_device.py). With
 CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates, the
 ratios to them and the differences of its scores and losses from this code's are added.
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import argparse
 import itertools
 import json
@@ -32,38 +35,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from os.path import abspath, dirname, exists, join
+from os.path import abspath, dirname, join
 
 import msgpack
 import numpy as np
 import torch
 
-from data import (WORKER_TYPES, DetectFeatLmdb, ImgDbWriter, ItmEvalDataset,
-                  ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText, ResumableStream, TxtTokLmdb,
-                  itm_rank_hn_collate, pad_tensors, write_txt_db)
+from data import (WORKER_TYPES, ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText,
+                  ResumableStream, itm_rank_hn_collate, pad_tensors)
 from data.batch import box_position_features
-from engine.train_step import hard_batch_loss
-from model import FastPaths, IaisVariant, UniterConfig, UniterForImageTextRetrievalHardNeg
+from model import UniterConfig, UniterForImageTextRetrievalHardNeg
+from scripts.bench_common import fast_paths, fed_loop, make_bench_db, open_bench_dbs, train_loss
 from scripts.original_checkout import check_checkout
 from scripts.repo import child_env
 from scripts.timing import rate
-
-
-def make_bench_db(root, n_images, seed=0):
-    """img_db with 10-100 boxes per image (soft_labels present, plain msgpack) + txt_db."""
-    rng = np.random.default_rng(seed)
-    if exists(join(root, "txt", "data.mdb")):
-        return
-    with ImgDbWriter(join(root, "img"), 0.2, 100, 10, 36, compress=False) as w:
-        for i in range(n_images):
-            n = int(rng.integers(10, 101))
-            w.put(f"img{i:06d}.npz", {"features": rng.standard_normal((n, 2048), dtype=np.float32),
-                                      "norm_bb": rng.random((n, 6)), "conf": rng.uniform(0.3, 1, n),
-                                      "soft_labels": rng.random((n, 1601))})
-    examples = {f"t{i:06d}_{k}": {"input_ids": rng.integers(106, 28996, int(rng.integers(8, 30))).tolist(),
-                                  "img_fname": f"img{i:06d}.npz"} for i in range(n_images) for k in range(5)}
-    write_txt_db(join(root, "txt"), examples, {"CLS": 101, "SEP": 102, "MASK": 103, "UNK": 100,
-                                               "v_range": [106, 28996], "toker": "bert-base-cased"})
+from scripts.utilisation import bench_utilisation
 
 
 class PlainImages:
@@ -84,10 +70,6 @@ class PlainImages:
             poss.append(box_position_features(bb))
             nbbs.append(nbb)
         return pad_tensors(feats, nbbs), pad_tensors(poss, nbbs), nbbs
-
-
-def open_bench_dbs(root):
-    return TxtTokLmdb(join(root, "txt"), 60), DetectFeatLmdb(join(root, "img"), 0.2, 100, 10, 36, False)
 
 
 def bench_loader(root, min_time):
@@ -119,22 +101,6 @@ def bench_loader(root, min_time):
     return out
 
 
-def fed_loop(stream, step, min_time):
-    """(micro-steps/s of ``step(batch)`` fed by ``stream``, fraction of the time spent
-    waiting for a batch)."""
-    for _ in range(3):
-        step(next(stream))
-    waited, n, st = 0.0, 0, time.perf_counter()
-    while n < 3 or time.perf_counter() - st < min_time:
-        t = time.perf_counter()
-        batch = next(stream)
-        waited += time.perf_counter() - t
-        step(batch)
-        n += 1
-    elapsed = time.perf_counter() - st
-    return n / elapsed, waited / elapsed
-
-
 def gpu_like_step(batch, dispatch_ops=500, device_s=0.01):
     """What a training micro-step leaves the CPU to do on a GPU: the training loop's thread
     dispatches kernels (many small torch calls), then waits for the device."""
@@ -163,12 +129,6 @@ def bench_streams(root, min_time, n_workers=4):
     return out
 
 
-def fast_paths(fast, buckets=16):
-    """The project's fast paths, or (fast=False) the original's computation: eager attention
-    and four IAIS passes, one padded pass for scoring, every position through the last layer."""
-    return FastPaths(length_buckets=buckets) if fast else FastPaths.original()
-
-
 def small_model(fast, hard_size=7):
     """The benchmark's model, with the same weights whatever the fast paths."""
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -193,12 +153,6 @@ def bench_eval(root, min_time):
     out["eval_max_abs_score_diff"] = (scores["fused"] - scores["plain"]).abs().max().item()
     out["eval_speedup"] = out["eval_fused_pairs_per_s"] / out["eval_plain_pairs_per_s"]
     return out
-
-
-def train_loss(model, batch, iais):
-    """The hard-negative ranking loss of a text-side batch, plus the IAIS loss with ``iais``."""
-    loss, _ = hard_batch_loss(model, batch, "t", IaisVariant.of("L", iais), tsa=1.0, positives=1)
-    return loss
 
 
 def bench_train(root, min_time):
@@ -279,6 +233,8 @@ def main():
     results.update(bench_streams(root, opts.min_time))
     results.update(bench_eval(root, opts.min_time))
     results.update(bench_train(root, opts.min_time))
+    base = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))
+    results.update(bench_utilisation(torch.device("cpu"), base, opts.min_time))
     if opts.original_repo:
         results.update(bench_original(root, opts.original_repo, opts.min_time, results))
     if opts.gpu:
@@ -287,10 +243,10 @@ def main():
         from scripts.bench_device import bench_device, bench_evaluation, peak_tflops_of, training_stream
         device = torch.device("cuda")
         peak = opts.peak_tflops or peak_tflops_of(torch.cuda.get_device_name())
-        config = UniterConfig.from_json_file(join(dirname(dirname(abspath(__file__))), "config", "uniter-base.json"))
-        results.update(bench_device(device, config, opts.min_time, peak_tflops=peak,
+        results.update(bench_device(device, base, opts.min_time, peak_tflops=peak,
                                     stream=training_stream(root, device)))
-        results.update(bench_evaluation(root, device, config, opts.min_time, peak_tflops=peak))
+        results.update(bench_evaluation(root, device, base, opts.min_time, peak_tflops=peak))
+        results.update(bench_utilisation(device, base, opts.min_time, n=400, hard=31))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
     with open(opts.output, "w") as f:

@@ -9,10 +9,13 @@ import torch
 
 from data import (ItmEvalDataset, ItmRankDatasetHardNegFromText, PrefetchLoader, ResumableStream,
                   itm_eval_collate, itm_rank_hn_collate, make_loader)
+from data.loader import map_tensors
 from engine.evaluation import inference
-from model import FastPaths, UniterConfig, UniterForImageTextRetrieval, UniterForImageTextRetrievalHardNeg
-from scripts.bench import fast_paths, fed_loop, open_bench_dbs, train_loss
+from model import FastPaths, UniterForImageTextRetrieval
+from scripts.bench_common import (device_sync, fed_loop, hard_negative_model, open_bench_dbs, seeded_model,
+                                  synthetic_batch, train_loss, without_dropout)
 from scripts.timing import rate
+from scripts.utilisation import forward_flops_per_pair
 
 # dense bf16/fp16 tensor-core peaks in TFLOP/s, by a part of the device name (first match)
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
@@ -27,56 +30,6 @@ def peak_tflops_of(device_name):
     return next((peak for part, peak in PEAK_TFLOPS if part in device_name), None)
 
 
-def forward_flops_per_pair(config, txt_len, num_bb, img_dim=2048):
-    """Matmul FLOPs of scoring one pair: the box and position projections, every layer on
-    every position except the last one, which computes keys and values for all positions
-    and the rest for [CLS] alone, then the pooler and the ranking head. ``txt_len`` and
-    ``num_bb`` may be arrays (broadcast)."""
-    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    seq = txt_len + num_bb
-    full_layer = seq * (4 * h * h + 2 * h * inter) + 2 * seq * seq * h
-    last_layer = seq * 2 * h * h + (2 * h * h + 2 * h * inter) + 2 * seq * h
-    return 2 * ((layers - 1) * full_layer + last_layer + num_bb * (img_dim + 7) * h + h * h + h)
-
-
-def without_dropout(config):
-    """A copy of the UniterConfig ``config`` with dropout off: rates are measured on the
-    deterministic computation, and the caller's config stays as it is."""
-    return UniterConfig.from_dict({**config.to_dict(), "hidden_dropout_prob": 0.0,
-                                   "attention_probs_dropout_prob": 0.0})
-
-
-def _sync(device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def _seeded_model(cls, config, device, **kwargs):
-    torch.manual_seed(0)
-    return cls(config, 2048, **kwargs).to(device)
-
-
-def _hard_negative_model(config, device, hard, fast):
-    """The training model with the fast paths (length buckets of 32) or the original's."""
-    return _seeded_model(UniterForImageTextRetrievalHardNeg, config, device, hard_size=hard,
-                         fast_paths=fast_paths(fast, 32))
-
-
-def _synthetic_batch(config, device, n, txt_len, num_bb):
-    """One caption of ``txt_len`` tokens against ``n`` images of ``num_bb`` boxes (random,
-    seeded), in the padded layout with the masks IAIS reads."""
-    g = torch.Generator().manual_seed(0)
-    seq = txt_len + num_bb
-    words = torch.arange(seq)[None].expand(n, -1)
-    batch = {"input_ids": torch.randint(106, config.vocab_size, (1, txt_len), generator=g),
-             "position_ids": torch.arange(txt_len)[None],
-             "img_feat": torch.randn(n, num_bb, 2048, generator=g).half(),
-             "img_pos_feat": torch.rand(n, num_bb, 7, generator=g),
-             "attn_masks": torch.ones(n, seq, dtype=torch.long), "gather_index": words.clone(),
-             "txt_attn_masks": ((words >= 1) & (words < txt_len - 1)).long()[:1],
-             "img_attn_masks": (words >= txt_len).long()[:1]}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
 def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60, peak_tflops=None,
                  stream=None):
     """UNITER scoring (``n`` pairs, no grad) and a hard-negative training step with IAIS
@@ -84,14 +37,14 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
     FLOP utilisation when ``peak_tflops`` is given; with a text-side IAIS training ``stream``
     (batches on ``device``), the bf16 training step fed by it and how long it waits for it."""
     config = without_dropout(config)
-    sync = _sync(device)
-    batch = _synthetic_batch(config, device, n, txt_len, num_bb)
+    sync = device_sync(device)
+    batch = synthetic_batch(config, device, n, txt_len, num_bb)
     iais_batch = {k: v for k, v in batch.items() if k != "gather_index"}
     flops = forward_flops_per_pair(config, txt_len, num_bb)
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else device.type}
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for fast in (True, False):
-            model = _hard_negative_model(config, device, hard, fast)
+            model = hard_negative_model(config, device, hard, fast)
             tag = f"{dtype_name}_{'fused' if fast else 'plain'}"
 
             def score():
@@ -112,7 +65,7 @@ def bench_device(device, config, min_time, n=400, hard=31, txt_len=22, num_bb=60
             if peak_tflops:
                 out[f"score_{tag}_mfu"] = pairs_per_s * flops / (peak_tflops * 1e12)
     if stream is not None:
-        model = _hard_negative_model(config, device, hard, True).train()
+        model = hard_negative_model(config, device, hard, True).train()
 
         def fed_step(fed_batch):
             model.zero_grad()
@@ -154,13 +107,13 @@ def bench_evaluation(root, device, config, min_time, n_texts=200, mini_batch=400
     once per pass); pairs/s, MFU of the useful FLOPs, and the release test sets projected
     from the pipeline's rate."""
     config = without_dropout(config)
-    sync = _sync(device)
+    sync = device_sync(device)
     dataset, txt_lens, num_bbs = _eval_dataset(root, n_texts, mini_batch)
     flops_per_pair = float(forward_flops_per_pair(config, txt_lens[:, None], num_bbs[None, :]).mean())
     # one model per bucket size, all with the same weights
-    models = {size: _seeded_model(UniterForImageTextRetrieval, config, device, pairs_num=1,
+    models = {size: seeded_model(UniterForImageTextRetrieval, config, device, pairs_num=1,
                                   fast_paths=FastPaths(length_buckets=size)).eval() for size in buckets}
-    one_caption = [{k: v.to(device) for k, v in b.items()} for b in dataset[0]]
+    one_caption = [map_tensors(b, lambda t: t.to(device)) for b in dataset[0]]
     one_caption_pairs = len(dataset.all_img_ids)
     one_caption_flops = float(forward_flops_per_pair(config, txt_lens[0], num_bbs).sum())
     out = {"texts": len(dataset), "images": len(dataset.all_img_ids), "mini_batch": mini_batch,

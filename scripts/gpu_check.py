@@ -13,6 +13,7 @@ command of a few minutes. Everything goes to OUT/gpu_check.json and OUT/gpu_chec
 Without a GPU it takes the CPU branch: the same steps with the demo-size model, fewer
 steps and no CUDA tests to run (that is how its code path is tested).
 """
+import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import argparse
 import datetime
 import importlib.util
@@ -134,8 +135,9 @@ def targets(results):
 
 def device_benchmarks(log, work, cuda, min_time, peak):
     import torch
-    from scripts.bench import make_bench_db
+    from scripts.bench_common import make_bench_db
     from scripts.bench_device import bench_device, bench_evaluation, training_stream
+    from scripts.utilisation import bench_utilisation
     from model import UniterConfig
     device = torch.device("cuda" if cuda else "cpu")
     # the CPU branch runs the same code with the demo-size model and few pairs
@@ -149,8 +151,9 @@ def device_benchmarks(log, work, cuda, min_time, peak):
     negatives = 399 if cuda else 7
     out = bench_device(device, config, min_time, peak_tflops=peak,
                        stream=training_stream(root, device, negatives), **sizes)
+    out.update(bench_utilisation(device, config, min_time, **sizes))
     log("device benchmark: " + json.dumps({k: v for k, v in out.items() if "per_s" in k or "mfu" in k or
-                                           "waiting" in k}, default=str))
+                                           "waiting" in k or k.startswith("util_")}, default=str))
     evaluation = bench_evaluation(root, device, config, min_time, peak_tflops=peak,
                                   **({} if cuda else {"n_texts": 4, "mini_batch": 10, "buckets": (0, 4)}))
     log("evaluation: " + json.dumps(evaluation))

@@ -206,8 +206,9 @@ def test_device_benchmark_runs_on_the_cpu(tmp_path):
     """The GPU benchmark's code path (scoring, training with IAIS, MFU, loader check) on
     the CPU with a tiny model, and its FLOPs per pair."""
     import torch
-    from scripts.bench import make_bench_db, open_bench_dbs
-    from scripts.bench_device import bench_device, forward_flops_per_pair
+    from scripts.bench_common import make_bench_db, open_bench_dbs
+    from scripts.bench_device import bench_device
+    from scripts.utilisation import forward_flops_per_pair
     from conftest import TINY_CONFIG
     from data import ItmRankDatasetHardNegFromText, ResumableStream, itm_rank_hn_collate
     from model import UniterConfig
@@ -312,3 +313,27 @@ def test_gpu_check_names_missing_packages(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         gpu_check.ensure_packages(str(tmp_path))  # an empty wheel folder does not have it either
     assert "no-such-package" in str(e.value) and "--wheels" in str(e.value)
+
+
+def test_utilisation_is_model_flops_over_the_measured_matmul_rate():
+    """The utilisation benchmark's code path on the CPU with a tiny model; the training
+    step's FLOPs by the convention (backward twice the forward) against torch's counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from conftest import TINY_CONFIG
+    from model import UniterConfig
+    from scripts.bench_common import hard_negative_model, synthetic_batch, train_loss, without_dropout
+    from scripts.utilisation import bench_utilisation, train_step_flops
+    config = UniterConfig.from_json_file(TINY_CONFIG)
+    out = bench_utilisation(torch.device("cpu"), config, 0.0, n=8, hard=3, txt_len=6, num_bb=10)
+    assert out["util_cpu_matmul_fp32_gflops"] > 0
+    for name in ("score", "train_iais"):
+        share = out[f"util_cpu_{name}_fp32_of_matmul"]
+        assert share == out[f"util_cpu_{name}_fp32_gflops"] / out["util_cpu_matmul_fp32_gflops"] and 0 < share < 1
+    model = hard_negative_model(without_dropout(config), torch.device("cpu"), 3, False).train()
+    batch = {k: v for k, v in synthetic_batch(config, torch.device("cpu"), 8, 6, 10).items() if k != "gather_index"}
+    with FlopCounterMode(display=False) as counter:
+        train_loss(model, batch, "singular").backward()
+    convention = train_step_flops(config, 8, 3, 6, 10)
+    # the features' projection has no input gradient, so the convention counts a little more
+    assert 0.85 * convention < counter.get_total_flops() <= convention
