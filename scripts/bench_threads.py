@@ -21,15 +21,16 @@ import time
 from os.path import abspath, dirname, exists, join
 
 from scripts.repo import ROOT, child_env
+from utils.threads import available_cores, default_threads
 
 # name -> environment; every policy names the variables it relies on, so that none of them
 # comes from the caller's environment or from the project's default (utils/threads.py)
+CORES = available_cores()
 POLICIES = {
-    "spin 300000 (libgomp's own default)": {"GOMP_SPINCOUNT": "300000"},
-    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "1 thread": {"OMP_NUM_THREADS": "1", "GOMP_SPINCOUNT": "300000"},
-    "spin 10000": {"GOMP_SPINCOUNT": "10000"},
-    "spin 1000": {"GOMP_SPINCOUNT": "1000"},
+    "all cores, spin (libgomp's default)": {"OMP_NUM_THREADS": str(CORES), "GOMP_SPINCOUNT": "300000"},
+    "all cores, passive wait": {"OMP_NUM_THREADS": str(CORES), "OMP_WAIT_POLICY": "PASSIVE"},
+    "all cores, spin 10000": {"OMP_NUM_THREADS": str(CORES), "GOMP_SPINCOUNT": "10000"},
+    "one core left free (default)": {"OMP_NUM_THREADS": str(default_threads(CORES)), "GOMP_SPINCOUNT": "300000"},
 }
 POLICY_VARIABLES = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 BUSY = "while True: pass"
@@ -115,7 +116,7 @@ def main():
     os.makedirs(join(work, "runs"), exist_ok=True)
     config = demo_config(work)
     times = measure(config, work, opts.policies, opts.loads, opts.repeats, opts.steps, opts.timeout)
-    result = {"cpus": os.cpu_count(), "steps": opts.steps, "policies": {n: POLICIES[n] for n in opts.policies},
+    result = {"cores": CORES, "steps": opts.steps, "policies": {n: POLICIES[n] for n in opts.policies},
               "seconds": {n: {str(k): v for k, v in t.items()} for n, t in times.items()},
               "table": table(times, opts.loads, opts.timeout)}
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)

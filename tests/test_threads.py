@@ -1,7 +1,6 @@
-"""utils/threads.py: the OpenMP wait policy is set before torch loads OpenMP, and a user's
-own policy is never overridden."""
+"""utils/threads.py: the thread count is set before torch loads OpenMP, and a user's own
+setting is never overridden."""
 import ast
-import itertools
 import os
 import subprocess
 import sys
@@ -10,19 +9,21 @@ import pytest
 
 from conftest import ROOT
 from scripts.repo import child_env
-from utils.threads import DEFAULT_POLICY, POLICY_VARIABLES, apply_default_policy
+from utils.threads import THREADS_VARIABLE, apply_default_policy, available_cores, default_threads
 
 
-@pytest.mark.parametrize("given", [c for n in range(len(POLICY_VARIABLES) + 1)
-                                   for c in itertools.combinations(POLICY_VARIABLES, n)])
-def test_the_default_applies_only_when_the_user_set_no_policy(given):
-    environ = {"PATH": "/bin", **{name: "7" for name in given}}
-    before = dict(environ)
-    applied = apply_default_policy(environ)
-    if given:
-        assert applied == {} and environ == before
-    else:
-        assert applied == DEFAULT_POLICY and environ == {**before, **DEFAULT_POLICY}
+@pytest.mark.parametrize("cores", [1, 2, 3, 16, 128])
+def test_one_core_is_left_free_unless_the_user_chose(cores):
+    environ = {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE"}
+    assert apply_default_policy(environ, cores) == {THREADS_VARIABLE: str(max(1, cores - 1))}
+    assert environ == {"PATH": "/bin", "OMP_WAIT_POLICY": "PASSIVE", THREADS_VARIABLE: str(max(1, cores - 1))}
+    for own in ("1", "4", "8"):
+        environ = {THREADS_VARIABLE: own}
+        assert apply_default_policy(environ, cores) == {} and environ == {THREADS_VARIABLE: own}
+
+
+def test_the_cores_are_those_this_process_may_use():
+    assert available_cores() == len(os.sched_getaffinity(0)) and default_threads(available_cores()) >= 1
 
 
 def runnable_files():
@@ -48,16 +49,16 @@ def test_every_program_sets_the_policy_before_anything_else():
     assert not wrong, f"first import is not utils.threads: {wrong}"
 
 
-def test_openmp_sees_the_default_and_the_users_own_policy():
-    """In a fresh process, the variables are in place when torch has loaded libgomp; the
-    user's own policy is left as it was."""
-    probe = ("import os, runpy, sys; sys.argv = ['x', '--help']\n"
+def test_torch_computes_with_the_policys_threads():
+    """In a fresh process started by an entry point, torch uses the default thread count,
+    or the user's own."""
+    probe = ("import runpy, sys; sys.argv = ['x', '--help']\n"
              "try:\n    runpy.run_path('inf_itm.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
-             "import torch; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), "
-             "'torch' in sys.modules)")
-    env = {k: v for k, v in child_env().items() if k not in POLICY_VARIABLES}
+             "import torch; print('threads', torch.get_num_threads())")
+    env = {k: v for k, v in child_env().items() if k != THREADS_VARIABLE}
     out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert out.stdout.split()[-3:] == [DEFAULT_POLICY["GOMP_SPINCOUNT"], "None", "True"], out.stderr
-    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, "OMP_WAIT_POLICY": "PASSIVE"},
+    assert out.stdout.split()[-2:] == ["threads", str(default_threads(available_cores()))], out.stderr
+    own = str(available_cores())  # all of them: the user's choice, unlike the default (torch caps it at the cores)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env={**env, THREADS_VARIABLE: own},
                          capture_output=True, text=True)
-    assert out.stdout.split()[-3:] == ["None", "PASSIVE", "True"], out.stderr
+    assert out.stdout.split()[-2:] == ["threads", own], out.stderr

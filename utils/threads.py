@@ -1,29 +1,48 @@
-"""OpenMP's wait policy for PyTorch's CPU threads, set before the OpenMP runtime starts.
+"""How many threads PyTorch computes with on the CPU, set before the OpenMP runtime starts.
 
-PyTorch's CPU wheels use GNU OpenMP, whose idle threads spin for 300,000 iterations before
-they sleep. On a machine with other work (a laptop, CI, a shared server) the spinning
-threads take the cores from the thread that holds the work and from everything else, and
-a 2-core training run becomes several times slower than twice as slow; a passive wait (no
-spinning) holds under load but costs a quiet machine about a quarter. A short spin keeps
-most of both (README, "Busy machines", has the measurements).
+PyTorch's CPU wheels use GNU OpenMP, with one thread per core whose idle members spin
+before they sleep. On a machine with other work (a laptop, CI, a shared server) every
+parallel region then waits for the member that lost its core, and the spinning takes the
+cores from everything else: on 2 cores, the demo's training beside one busy process took
+3 to 5 times its quiet time, beside two it did not finish. A passive wait (no spinning)
+holds under load but costs a quiet machine three quarters more on the demo's small
+model; a shorter spin collapsed too. Leaving one core to the rest of the machine holds in
+every condition measured and costs a quiet 2-core machine about a sixth (README,
+"Busy machines", has the table; ``scripts/bench_threads.py`` measures it).
 
-libgomp reads its environment once, when it is loaded by the first ``import torch``: the
-entry points and scripts import this module before anything else. A user who sets any of
-:data:`POLICY_VARIABLES` keeps their own policy, and nothing here is changed.
+OpenMP reads its environment once, when the first ``import torch`` loads it: the entry
+points, the scripts and the test suite import this module before anything else. A user
+who sets ``OMP_NUM_THREADS`` keeps it. The thread count changes the order of some
+floating-point sums, so runs on machines with different core counts may differ in their
+last digits (a resumed run uses the same count as long as the machine is the same).
 """
 import os
 
-POLICY_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
-DEFAULT_POLICY = {"GOMP_SPINCOUNT": "10000"}
+THREADS_VARIABLE = "OMP_NUM_THREADS"
 
 
-def apply_default_policy(environ=os.environ):
-    """Set :data:`DEFAULT_POLICY` in ``environ`` unless it names a wait policy already.
-    -> the variables set ({} when the user's own policy stands)."""
-    if any(name in environ for name in POLICY_VARIABLES):
+def available_cores():
+    """The cores this process may run on (its affinity mask, which a container or a job
+    scheduler may narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_threads(cores):
+    """All cores but one, at least one."""
+    return max(1, cores - 1)
+
+
+def apply_default_policy(environ=os.environ, cores=None):
+    """Set ``OMP_NUM_THREADS`` in ``environ`` to :func:`default_threads` unless it is set.
+    -> the variables set ({} when the user's own setting stands)."""
+    if THREADS_VARIABLE in environ:
         return {}
-    environ.update(DEFAULT_POLICY)
-    return dict(DEFAULT_POLICY)
+    policy = {THREADS_VARIABLE: str(default_threads(available_cores() if cores is None else cores))}
+    environ.update(policy)
+    return policy
 
 
 apply_default_policy()
