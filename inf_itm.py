@@ -17,18 +17,18 @@ import json
 import os
 from os.path import join
 
-from data import WORKER_TYPES, DetectFeatLmdb, ItmEvalDataset, TxtTokLmdb, itm_eval_collate, prefetch_loader
-from engine.evaluation import format_recall_table, gather_scores, itm_eval
+from data import WORKER_TYPES, ItmEvalDataset, TxtTokLmdb, itm_eval_collate, open_img_db, prefetch_loader
+from engine.evaluation import gather_scores, itm_eval
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
 from utils.checkpoint import atomic_save
-from utils.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
+from engine.checks import check_head, check_scores_finite, check_split, load_model, refuse_earlier_results
 from utils.cli import run
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, add_counting_arg, make_parser,
                           take_settings)
 from utils.logger import LOGGER, setup_logging
 from utils.precision import autocast, resolve_amp
-from utils.retrieval_metrics import counting_name, gt_image_index, topk_records
+from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, topk_records
 
 
 def build_parser():
@@ -92,8 +92,8 @@ def main(opts):
         take_settings(build_parser(), opts, opts.train_config, ("conf_th", "max_bb", "min_bb", "num_bb"))
     amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)
 
-    img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
-                            opts.compressed_db)
+    img_db = open_img_db(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
+                         opts.compressed_db)
     txt_db = TxtTokLmdb(opts.txt_db, -1)
     model, state = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint,
                               opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)

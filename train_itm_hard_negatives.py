@@ -19,13 +19,13 @@ from data import (DataError, WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRa
                   itm_rank_hn_collate, prefetch_loader)
 from data.groups import read_image_groups
 from engine.checkpointing import TrainingState, resume
-from engine.evaluation import evaluate, format_recall_table, validation_scalars
+from engine.evaluation import evaluate, validation_scalars
 from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume, write_test_results
 from engine.train_step import TrainStep
 from engine.training import train
-from model import IMG_DIM, UniterForImageTextRetrievalHardNeg
+from model import IMG_DIM, OBJECTIVES, UniterForImageTextRetrievalHardNeg, build_objectives
 from utils import distributed as dist
-from utils.checks import check_split, load_model
+from engine.checks import check_split, load_model
 from utils.cli import run
 from utils.config import (NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, add_box_args, add_counting_arg,
                           make_parser)
@@ -33,7 +33,7 @@ from utils.logger import LOGGER, TensorBoardLogger, setup_logging
 from utils.misc import set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched
 from utils.precision import autocast, make_scaler, resolve_amp
-from utils.retrieval_metrics import counting_name
+from utils.retrieval_metrics import counting_name, format_recall_table
 
 CONFIG_ONLY_KEYS = {"train_txt_dbs": "paths", "train_img_dbs": "paths", "val_txt_db": "path", "val_img_db": "path",
                     "test_txt_db": "path", "test_img_db": "path", "model_config": "path"}
@@ -76,7 +76,11 @@ def build_parser():
     a("--pin_mem", action="store_true", help="pin host memory of batches")
     a("--config", type=str, default=None, help="JSON config; flags on the command line win")
     a("--IAIS", default=False, choices=["singular", "distributed", False],
-      help="IAIS alignment: singular or distributed (default: off)")
+      help="IAIS alignment: singular or distributed (default: off); the same as --alignment iais-singular "
+           "or iais-distributed")
+    a("--alignment", nargs="+", default=[], choices=sorted(OBJECTIVES), metavar="NAME",
+      help=f"alignment objectives computed in the encoder, each weighted by its own schedule "
+           f"({', '.join(sorted(OBJECTIVES))}; model/alignment.py says how to add one)")
     a("--negative_groups", type=str, default=None,
       help="JSON groups of confusable images: each image's group members (text side) and their captions "
            "(image side) are always among its negatives")
@@ -118,17 +122,26 @@ def check_options(opts):
         raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
 
 
-def build_model(opts, device):
+def run_objectives(iais, alignment):
+    """The run's alignment objectives: ``--IAIS`` (its IAIS objective) and ``--alignment``."""
+    try:
+        return build_objectives(([f"iais-{iais}"] if iais else []) + list(alignment))
+    except ValueError as e:
+        raise ConfigError(f"--IAIS/--alignment: {e}") from None
+
+
+def build_model(opts, objectives, device):
     model, _ = load_model(UniterForImageTextRetrievalHardNeg, opts.model_config, opts.checkpoint,
-                          opts.allow_random_init, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size)
+                          opts.allow_random_init, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size,
+                          objectives=objectives)
     model.init_output()  # the ranking head starts from the pre-trained ITM head
     set_dropout(model, opts.dropout)
     return model.to(device)
 
 
-def build_datasets(opts):
+def build_datasets(opts, objectives):
     img_dbs = ImageLmdbGroup(opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
-    iais = opts.IAIS or False
+    iais = any(o.needs_position_masks for o in objectives)  # the padded layout with word and box masks
     groups = read_image_groups(opts.negative_groups) if opts.negative_groups else None
     text_side, image_side = [], []
     shard = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
@@ -163,20 +176,20 @@ def training_streams(dsets, seed, n_workers, pin_mem, worker_type, device):
             for k, side in enumerate(("text", "image"))}
 
 
-def build_train_step(opts, state, device, amp_dtype):
+def build_train_step(opts, state, objectives, device, amp_dtype):
     lr_at = partial(get_lr_sched, learning_rate=opts.learning_rate, warmup_steps=opts.warmup_steps,
                     num_train_steps=opts.num_train_steps)
-    return TrainStep(state, positives=opts.train_batch_size, iais_alignment=opts.IAIS,
+    return TrainStep(state, positives=opts.train_batch_size, objectives=objectives,
                      num_train_steps=opts.num_train_steps, lr_at=lr_at, grad_norm=opts.grad_norm,
                      max_skipped_steps=opts.max_skipped_steps, device=device, amp_dtype=amp_dtype)
 
 
-def log_start(opts, model, dsets):
+def log_start(opts, model, dsets, objectives):
     LOGGER.info("data loader: %s", f"{opts.n_workers} worker {opts.worker_type}(s) per stream"
                 if opts.n_workers > 0 else "batches built in the training loop")
-    LOGGER.info("training %d parameters on %d positives per side, %d steps, IAIS: %s",
+    LOGGER.info("training %d parameters on %d positives per side, %d steps, alignment: %s",
                 sum(p.numel() for p in model.parameters()), sum(dist.all_gather_object(len(dsets["text"]))),
-                opts.num_train_steps, opts.IAIS or "off")
+                opts.num_train_steps, ", ".join(o.name for o in objectives) or "off")
 
 
 def main(opts):
@@ -190,8 +203,9 @@ def main(opts):
     set_random_seed(opts.seed)
 
     # data and weights are checked before anything is written to output_dir
-    dsets = build_datasets(opts)
-    model = build_model(opts, device)
+    objectives = run_objectives(opts.IAIS, opts.alignment)
+    dsets = build_datasets(opts, objectives)
+    model = build_model(opts, objectives, device)
     check_splits(dsets, model.config)
     opts.resume = decided_by_rank0(lambda: claim(opts.output_dir, opts.resume))
     folders = make_run_folders(opts.output_dir, opts.resume, vars(opts), opts.model_config)
@@ -205,13 +219,13 @@ def main(opts):
     val_loader = prefetch_loader(dsets["val_full" if opts.full_val else "val"], itm_eval_collate, *loading)
     test_loader = prefetch_loader(dsets["test"], itm_eval_collate, *loading)
     start_step = resume(state, folders.ckpt) if opts.resume else 0
-    log_start(opts, model, dsets)
+    log_start(opts, model, dsets, objectives)
 
     def validate_at(step):
         with autocast(device, amp_dtype):
             return validation_scalars(model, val_loader, step, opts.full_val, opts.original_counting)
 
-    last_step = train(build_train_step(opts, state, device, amp_dtype), folders.ckpt, start_step=start_step,
+    last_step = train(build_train_step(opts, state, objectives, device, amp_dtype), folders.ckpt, start_step=start_step,
                       num_train_steps=opts.num_train_steps, valid_steps=opts.valid_steps, validate=validate_at, tb=tb)
     with autocast(device, amp_dtype):
         test_log = evaluate(model, test_loader, original_counting=opts.original_counting)

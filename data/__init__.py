@@ -3,6 +3,7 @@
 errors.py         DataError, JSON index files
 lmdb_io.py        LMDB opens, reads and writes
 txt_db.py         txt_db: captions (TxtTokLmdb, write_txt_db)
+feature_store.py  the FeatureStore protocol and open_img_db, the one factory of image feature stores
 img_db.py         img_db: region features by box-selection setting (DetectFeatLmdb, ImgDbWriter)
 feature_codec.py  how an img_db value is encoded and decoded (in place)
 captions.py       CaptionDataset: a process's captions with their images' features
@@ -15,7 +16,8 @@ groups.py         groups of confusable images for hard negatives
 from .batch import get_gather_index, pad_tensors
 from .captions import CaptionDataset, PairBatch
 from .errors import DataError
-from .img_db import DetectFeatLmdb, ImageLmdbGroup, ImgDbWriter, compute_num_bb
+from .feature_store import FeatureStore, ImageLmdbGroup, open_img_db, register_store
+from .img_db import DetectFeatLmdb, ImgDbWriter, compute_num_bb
 from .itm import (ItmEvalDataset, ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText,
                   ItmValDataset, itm_eval_collate, itm_rank_hn_collate, itm_val_collate)
 from .loader import WORKER_TYPES, PrefetchLoader, ResumableStream, ThreadLoader, make_loader, prefetch_loader

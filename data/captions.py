@@ -8,7 +8,7 @@ from torch.utils.data import Dataset
 
 from .batch import RecycledBuffers, box_position_features, iais_batch
 from .errors import DataError
-from .img_db import DetectFeatLmdb
+from .feature_store import FeatureStore
 from .txt_db import TxtTokLmdb
 
 PairBatch = namedtuple("PairBatch", "txt_id batch n_words n_boxes")
@@ -22,8 +22,8 @@ class CaptionDataset(Dataset):
     ``txt2img`` and ``img2txts`` cover the whole split."""
 
     def __init__(self, txt_db, img_db, *, rank=0, world_size=1):
-        if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, DetectFeatLmdb):
-            raise TypeError("expected a TxtTokLmdb and a DetectFeatLmdb")
+        if not isinstance(txt_db, TxtTokLmdb) or not isinstance(img_db, FeatureStore):
+            raise TypeError("expected a TxtTokLmdb and a FeatureStore (data.open_img_db opens one)")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not one of the {world_size} processes (0 to world_size - 1)")
         self.txt_db, self.img_db = txt_db, img_db

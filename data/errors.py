@@ -1,21 +1,7 @@
-"""DataError, and reading JSON files with one-line errors that name the file."""
-import json
+"""DataError (utils/errors.py), and the JSON index files of the DBs read with one-line errors."""
+from utils.errors import DataError, load_json
 
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file or key at fault."""
-
-
-def load_json(path, what=None, error=DataError):
-    """The JSON value in ``path``; a one-line ``error`` naming the file (and ``what`` it is)
-    when it is missing or not valid JSON."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise error(f"{what} file {path} not found" if what else f"{path} not found") from None
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+__all__ = ["DataError", "load_json", "load_json_map"]
 
 
 def load_json_map(path, value_type, what):

@@ -10,6 +10,7 @@ import torch
 
 from .errors import DataError, load_json_map
 from .feature_codec import decode_img_dump, encode_img_dump
+from .feature_store import register_store
 from .lmdb_io import ReadOnlyLmdb, WriteTxn
 
 IMG_DB_KEYS = "__keys__"
@@ -109,20 +110,6 @@ class DetectFeatLmdb:
         return feat, norm_bb
 
 
-class ImageLmdbGroup:
-    """Opens each img_db once, however many splits use it."""
-
-    def __init__(self, conf_th, max_bb, min_bb, num_bb, compress):
-        self.settings = (conf_th, max_bb, min_bb, num_bb, compress)
-        self.path2imgdb = {}
-
-    def __getitem__(self, path):
-        key = os.path.normpath(path)
-        if key not in self.path2imgdb:
-            self.path2imgdb[key] = DetectFeatLmdb(path, *self.settings)
-        return self.path2imgdb[key]
-
-
 class ImgDbWriter:
     """Writes an img_db in the release layout: LMDB values plus ``__keys__`` and the
     box-count JSON of the chosen setting."""
@@ -171,3 +158,6 @@ class ImgDbWriter:
             self.close()
         else:
             self._writer.abort()
+
+
+register_store("lmdb", DetectFeatLmdb)

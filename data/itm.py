@@ -16,7 +16,8 @@ from .negatives import negatives_with
 
 class _HardNegDataset(CaptionDataset):
     """A positive pair and ``neg_sample_size`` negatives per item; ``IAIS`` (truthy) gives
-    the padded layout with the position masks the alignment loss needs. ``image_groups``
+    the padded layout (``layout`` 'padded', else 'compact') with the position masks the
+    alignment objectives need. ``image_groups``
     ({image: confusable images}, see data.groups) puts an image's group members (text
     side) or their captions (image side) among its negatives, before the random ones.
     ``rank``/``world_size``: this process's share of the captions (see CaptionDataset)."""
@@ -27,7 +28,7 @@ class _HardNegDataset(CaptionDataset):
             raise ValueError("neg_sample_size must be at least 1")
         super().__init__(txt_db, img_db, rank=rank, world_size=world_size)
         self.neg_sample_size = neg_sample_size
-        self.IAIS = IAIS
+        self.layout = "padded" if IAIS else "compact"  # IAIS: the original's name for the padded layout
         self.image_groups = {img: [m for m in members if m in self.img2txts]
                              for img, members in (image_groups or {}).items() if img in self.img2txts}
 
@@ -60,7 +61,7 @@ class ItmRankDatasetHardNegFromText(_HardNegDataset):
         img_ids = [gt_img] + negatives_with(forced, self.img_name_list, [gt_img], self.neg_sample_size)
         img_feat, img_pos_feat, num_bbs = self.image_features(img_ids)
         txt_lens = [tl] * len(img_ids)
-        if self.IAIS:
+        if self.layout == "padded":
             return iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, False)
         return compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
 
@@ -96,7 +97,7 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
         position_ids = torch.arange(input_ids.size(1), dtype=torch.long).unsqueeze(0)
         num_bbs = [nbb] * len(txt_ids)
         args = (input_ids, position_ids, feat.unsqueeze(0), pos.unsqueeze(0), txt_lens, num_bbs)
-        if self.IAIS:
+        if self.layout == "padded":
             return iais_batch(*args, all_rows=False)
         if self.padded_masks:
             attn_masks, _, _ = padded_layout_masks(txt_lens, num_bbs)
@@ -114,7 +115,7 @@ class ItmValDataset(CaptionDataset):
     def __init__(self, txt_db, img_db, mini_batch_size=400, IAIS=False, *, rank=0, world_size=1):
         super().__init__(txt_db, img_db, rank=rank, world_size=world_size)
         self.all_img_ids = list(self.img2txts)
-        self.IAIS = IAIS
+        self.layout = "padded" if IAIS else "compact"  # IAIS: the original's name for the padded layout
         if not 0 < mini_batch_size <= len(self.all_img_ids):
             raise DataError(f"image mini-batch size {mini_batch_size} (inf_minibatch_size; --batch_size "
                             f"of inf_itm.py) must be between 1 and the {len(self.all_img_ids)} "
@@ -140,7 +141,7 @@ class ItmValDataset(CaptionDataset):
         position_ids = torch.arange(tl, dtype=torch.long).unsqueeze(0)
         img_feat, img_pos_feat, num_bbs = image_side or self.image_features(img_ids)
         txt_lens = [tl] * len(img_ids)
-        if self.IAIS:
+        if self.layout == "padded":
             return iais_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, True)
         return compact_batch(input_ids, position_ids, img_feat, img_pos_feat, txt_lens, num_bbs, tl)
 

@@ -7,20 +7,46 @@ continue bit-identically: optimizer, loss scaler, data streams and every rank's 
 from dataclasses import dataclass
 
 from utils import distributed as dist
-from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
-                              save_training_state)
+from utils.checkpoint import (CheckpointError, first_line, latest_training_state, load_checkpoint, load_model_state,
+                              save_model, save_training_state)
 from utils.cli import TrainingError
 from utils.logger import LOGGER
-from utils.misc import rng_state
+from utils.misc import rng_state, set_rng_state
+
+
+def _settings(param_groups):
+    return sorted(k for group in param_groups for k in group if k != "params")
 
 
 @dataclass
 class TrainingState:
-    """The objects whose state a checkpoint holds."""
+    """The objects whose state a checkpoint holds; the weights go to model_step_{N}.pt,
+    the rest (:meth:`state_dict`) to train_state_{N}.pt."""
     model: object
     optimizer: object
     scaler: object
     streams: dict  # {name: data.ResumableStream}
+
+    def state_dict(self, step, rngs):
+        """What train_state_{step}.pt holds: the step, optimizer, loss scaler, every data
+        stream's position and ``rngs`` (every rank's RNG states)."""
+        return {"global_step": step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rngs, "streams": {side: s.state_dict() for side, s in self.streams.items()}}
+
+    def load_state_dict(self, state, rank):
+        """Restore :meth:`state_dict`'s ``state`` (rank ``rank``'s RNGs) -> its step. A state
+        written by another optimiser, model or format raises (KeyError, TypeError,
+        ValueError, IndexError or RuntimeError) before the first step would fail."""
+        saved = state["optimizer"]["param_groups"]
+        if _settings(saved) != _settings(self.optimizer.param_groups):
+            raise ValueError(f"written by another optimiser (settings {', '.join(sorted(set(_settings(saved))))})")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for side, stream in self.streams.items():
+            stream.load_state_dict(state["streams"][side])
+        rngs = state["rng"]
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        return int(state["global_step"])
 
 
 def check_replicas_agree(model, step):
@@ -40,10 +66,7 @@ def save_checkpoint(state, ckpt_dir, step):
         save_model(state.model, ckpt_dir, step)
     rngs = dist.all_gather_object(rng_state())
     if is_main:
-        save_training_state(ckpt_dir, step, {
-            "global_step": step, "optimizer": state.optimizer.state_dict(),
-            "scaler": state.scaler.state_dict(), "rng": rngs,
-            "streams": {side: s.state_dict() for side, s in state.streams.items()}})
+        save_training_state(ckpt_dir, step, state.state_dict(step, rngs))
     dist.barrier()
 
 
@@ -51,6 +74,11 @@ def resume(state, ckpt_dir):
     """Load the newest complete checkpoint of ``ckpt_dir`` into ``state``; -> its step."""
     _, model_path, state_path = latest_training_state(ckpt_dir)
     state.model.load_state_dict(load_model_state(model_path))
-    step = restore_training_state(state_path, state.optimizer, state.scaler, state.streams, dist.get_rank())
+    saved = load_checkpoint(state_path, "training state")
+    try:
+        step = state.load_state_dict(saved, dist.get_rank())
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"training state {state_path} does not fit this run ({type(e).__name__}: "
+                              f"{first_line(e)}); resume with the options it was written with (log/hps.json)") from None
     LOGGER.info("resumed from %s at step %d", state_path, step)
     return step

@@ -7,12 +7,14 @@ from tqdm import tqdm
 from model import scoring_mode
 from utils.distributed import all_gather_object, all_gather_rows, is_main_process
 from utils.logger import LOGGER
-from utils.retrieval_metrics import KS, RECALL_KEYS, counting_name, gt_image_index, retrieval_metrics, text_query_ranks
+from utils.retrieval_metrics import (KS, format_recall_table, gt_image_index, recall_means, retrieval_metrics,
+                                     text_query_ranks)
 
 
 @torch.no_grad()
 def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts=None, original_counting=False):
-    """R@1/5/10 of a [texts x images] score matrix and their means (fractions).
+    """R@K (utils/retrieval_metrics.py: KS) of a [texts x images] score matrix and their
+    means (fractions), as :func:`utils.retrieval_metrics.recall_means` lays them out.
 
     img_r*: a text query finds its image; txt_r*: an image query finds any of its texts
     (those ``txt2img`` assigns to it; ``img2txts``, its inverse, is not needed: the
@@ -20,13 +22,7 @@ def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts=None, original_co
     counts image retrieval as the original code does (see utils/retrieval_metrics.py).
     """
     gt_img = gt_image_index(txt_ids, img_ids, txt2img)
-    metrics = retrieval_metrics(score_matrix.cpu(), gt_img, original_counting)
-    log = {key: metrics[key] for key in RECALL_KEYS}
-    for name in ("txt", "img"):
-        log[f"{name}_r_mean"] = (log[f"{name}_r1"] + log[f"{name}_r5"] + log[f"{name}_r10"]) / 3
-    log["r_mean"] = (log["txt_r_mean"] + log["img_r_mean"]) / 2
-    return {k: log[k] for k in ("txt_r1", "txt_r5", "txt_r10", "txt_r_mean",
-                                "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean")}
+    return recall_means(retrieval_metrics(score_matrix.cpu(), gt_img, original_counting))
 
 
 def inference(model, eval_loader):
@@ -70,9 +66,9 @@ def evaluate(model, eval_loader, original_counting=False):
 
 
 def validate(model, val_loader):
-    """Quick validation: recall@1/5/10 of each text's image among ``inf_minibatch_size``."""
+    """Quick validation: recall@K (KS) of each text's image among ``inf_minibatch_size``."""
     st = time()
-    hits = torch.zeros(3)
+    hits = torch.zeros(len(KS))
     n = 0
     with scoring_mode(model):
         for batch in tqdm(val_loader, desc="validation", disable=not is_main_process()):
@@ -82,23 +78,10 @@ def validate(model, val_loader):
             n += 1
     totals = all_gather_object((n, hits.tolist()))
     n = sum(t[0] for t in totals)
-    hits = [sum(t[1][k] for t in totals) / max(n, 1) for k in range(3)]
-    log = {"valid/ex_per_s": n / (time() - st), "valid/recall_1": hits[0],
-           "valid/recall_5": hits[1], "valid/recall_10": hits[2]}
-    LOGGER.info("validation: recall_1 %.2f, recall_5 %.2f, recall_10 %.2f",
-                hits[0] * 100, hits[1] * 100, hits[2] * 100)
+    hits = [sum(t[1][j] for t in totals) / max(n, 1) for j in range(len(KS))]
+    log = {"valid/ex_per_s": n / (time() - st), **{f"valid/recall_{k}": hit for k, hit in zip(KS, hits)}}
+    LOGGER.info("validation: %s", ", ".join(f"recall_{k} {hit * 100:.2f}" for k, hit in zip(KS, hits)))
     return log
-
-
-def format_recall_table(log, original_counting=False):
-    """The R@K dict as a small text table (percentages) naming its counting."""
-    rows = [("image retrieval", "img"), ("text retrieval", "txt")]
-    lines = [f"{'':<16} {'R@1':>7} {'R@5':>7} {'R@10':>7}"]
-    for title, key in rows:
-        lines.append(f"{title:<16} " + " ".join(f"{log[f'{key}_r{r}'] * 100:7.2f}" for r in (1, 5, 10)))
-    lines.append(f"{'R mean':<16} {log['r_mean'] * 100:7.2f}")
-    lines.append(f"({counting_name(original_counting)} recall counting)")
-    return "\n".join(lines)
 
 
 def validation_scalars(model, loader, step, full, original_counting=False):

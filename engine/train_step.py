@@ -2,9 +2,10 @@
 
 A step trains ``positives`` positive pairs (the config's ``train_batch_size``), each as two
 hard batches: an image-side one (one image against its caption and the hardest captions
-of other images, visual IAIS variant) and a text-side one (one caption against its image
-and the hardest other images, linguistic variant). Gradients are accumulated over all of
-them, averaged over processes, unscaled, clipped, and applied unless they are not finite.
+of other images; alignment objectives align the image's self-attention, IAIS's visual
+variant) and a text-side one (one caption against its image and the hardest other images;
+the text's, the linguistic variant). Gradients are accumulated over all of them, averaged
+over processes, unscaled, clipped, and applied unless they are not finite.
 """
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -12,33 +13,43 @@ from typing import NamedTuple
 import torch
 from torch.nn.utils import clip_grad_norm_
 
-from model import IaisVariant
 from utils import distributed as dist
 from utils.cli import TrainingError
 from utils.logger import LOGGER
-from utils.optim import tsa_weight
 from utils.precision import autocast
 
 
 class Side(NamedTuple):
     stream: str  # key of the training streams
     sample_from: str  # 'i': one image, many captions; 't': one caption, many images
-    modality: str  # whose self-attention IAIS aligns: 'V' image, 'L' text
+    align: str  # whose self-attention the alignment objectives align: 'V' image, 'L' text
 
 
 # in the order the original trains them
 SIDES = (Side("image", "i", "V"), Side("text", "t", "L"))
 
 
-def hard_batch_loss(model, batch, sample_from, variant, tsa, positives):
-    """Loss of one hard batch: mean rank loss / positives, plus the IAIS loss weighted by
-    ``tsa`` when ``variant`` (an IaisVariant) is set; and its parts as tensors (empty
-    without IAIS)."""
-    rank_loss, losses = model(batch, sample_from=sample_from, compute_loss=True, IAIS=variant)
+def hard_batch_loss(model, batch, sample_from, align, weights, positives):
+    """Loss of one hard batch: mean rank loss / positives, plus each alignment loss term
+    times its weight (``weights``: {term: weight}) when ``align`` ('L' or 'V') is set; and
+    its parts as tensors (empty without alignment)."""
+    rank_loss, losses = model(batch, sample_from=sample_from, compute_loss=True, align=align)
     rank_loss = rank_loss.mean() / positives
-    if variant is None:
+    if align is None:
         return rank_loss, {}
-    return rank_loss + losses["self_attn_loss"] * tsa, {"rank_loss": rank_loss, **losses}
+    loss = rank_loss
+    for term, value in losses.items():
+        loss = loss + value * weights[term]
+    return loss, {"rank_loss": rank_loss, **losses}
+
+
+def term_weights(objectives, done_steps, num_train_steps, device):
+    """{term: float32 weight on ``device``} of every objective's terms after ``done_steps``."""
+    weights = {}
+    for objective in objectives:
+        weight = torch.as_tensor(objective.weight(done_steps, num_train_steps), dtype=torch.float32, device=device)
+        weights.update({term: weight for term in objective.terms})
+    return weights
 
 
 def read_terms(terms):
@@ -92,14 +103,16 @@ class TrainStep:
     """``train_step(step)`` trains step ``step + 1`` of ``state`` (an
     engine.checkpointing.TrainingState) and returns its StepReport.
 
-    ``lr_at(step)`` is the learning rate of the step with that 1-based number; the IAIS
-    weight is taken at the number of steps done before, as in the original."""
+    ``lr_at(step)`` is the learning rate of the step with that 1-based number;
+    ``objectives`` are the alignment objectives the model was built with (() for none),
+    whose weights are taken at the number of steps done before, as the original takes
+    IAIS's."""
 
-    def __init__(self, state, *, positives, iais_alignment, num_train_steps, lr_at, grad_norm,
+    def __init__(self, state, *, positives, objectives, num_train_steps, lr_at, grad_norm,
                  max_skipped_steps, device, amp_dtype):
         self.state = state
         self.positives, self.num_train_steps, self.lr_at = positives, num_train_steps, lr_at
-        self.variants = {side.stream: IaisVariant.of(side.modality, iais_alignment) for side in SIDES}
+        self.objectives = tuple(objectives)
         self.grad_norm = grad_norm
         self.device, self.amp_dtype = device, amp_dtype
         self.params = [p for p in state.model.parameters() if p.requires_grad]
@@ -116,7 +129,7 @@ class TrainStep:
     def accumulate(self, step):
         """Forward and backward of every hard batch; gradients add up in .grad.
         -> (per-batch loss terms {name: 0-dim tensor}, rows)."""
-        tsa = tsa_weight(step, self.num_train_steps).to(self.device)
+        weights = term_weights(self.objectives, step, self.num_train_steps, self.device)
         terms, rows = [], 0
         for _ in range(self.positives):
             for side in SIDES:
@@ -124,10 +137,9 @@ class TrainStep:
                 rows += batch["attn_masks"].size(0)
                 with autocast(self.device, self.amp_dtype):
                     loss, parts = hard_batch_loss(self.state.model, batch, side.sample_from,
-                                                  self.variants[side.stream], tsa, self.positives)
+                                                  side.align if self.objectives else None, weights, self.positives)
                 self.state.scaler.scale(loss).backward()
-                terms.append({"loss": loss.detach(), **{
-                    k: parts[k].detach() for k in ("rank_loss", "self_attn_loss") if k in parts}})
+                terms.append({"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}})
         return terms, rows
 
     def update(self, step, lr):

@@ -27,7 +27,7 @@ def train(train_step, ckpt_dir, *, start_step, num_train_steps, valid_steps, val
     engine.train_step.TrainStep); ``validate(step)`` gives the scalars logged before each
     checkpoint of the training state. -> the last step."""
     state = train_step.state
-    meters = {k: RunningMeter(k) for k in ("loss", "rank_loss", "self_attn_loss")}
+    meters = {}  # one for each loss term the steps report: the total, the ranking loss, the objectives' terms
     pbar = tqdm(total=num_train_steps, initial=start_step, disable=not dist.is_main_process(), desc="train")
     rows, start = 0, time()
     state.model.train()
@@ -39,7 +39,7 @@ def train(train_step, ckpt_dir, *, start_step, num_train_steps, valid_steps, val
         rows += report.rows
         for losses in report.micro_losses:
             for name, value in losses.items():
-                meters[name](value)
+                meters.setdefault(name, RunningMeter(name))(value)
         ex_per_s = rows * dist.get_world_size() / max(time() - start, 1e-9)
         log_step(tb, step, report, meters, ex_per_s)
         if report.stop is not None:

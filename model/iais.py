@@ -1,4 +1,5 @@
-"""IAIS: Inter-modal Alignment on Intra-modal Self-attentions (the paper's regulariser).
+"""IAIS: Inter-modal Alignment on Intra-modal Self-attentions (the paper's regulariser),
+registered as the alignment objectives 'iais-singular' and 'iais-distributed'.
 
 All functions work on one positive pair at a time, on head-averaged attention
 matrices. Log-probabilities are taken in float32 so that fp16/bf16 training stays finite.
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .alignment import OBJECTIVES, AlignmentObjective, register_objective
 from .layer import MASK_VALUE
 
 MODALITIES = ("L", "V")  # whose self-attention is regularised: L text, V image
@@ -146,3 +148,39 @@ def iais_loss(variant, scores, txt_mask, img_mask, max_tl, fused=True, mask_coun
     losses = [pair_loss(variant, txt[j], img[j], t2i[j], i2t[j], int(n_words[j]), int(n_boxes[j]))
               for j in range(scores.size(0))]
     return torch.stack(losses).mean()
+
+
+def tsa_weight(done_steps, num_train_steps):
+    """Weight of the IAIS loss: exp(5 * (progress - 1)) ("exp_schedule" training signal
+    annealing), in float32 as the original computes it."""
+    progress = torch.tensor(done_steps, dtype=torch.float) / torch.tensor(num_train_steps, dtype=torch.float)
+    return torch.exp((progress - 1) * 5)
+
+
+@register_objective
+class IaisSingular(AlignmentObjective):
+    """IAIS with singular alignment on the last layer: 'self_attn_loss', weighted by
+    :func:`tsa_weight`."""
+    name = "iais-singular"
+    alignment = "singular"
+    terms = ("self_attn_loss",)
+
+    def __call__(self, view):
+        variant = IaisVariant(view.side, self.alignment)
+        return {"self_attn_loss": iais_loss(variant, view.scores, view.txt_mask, view.img_mask, view.max_tl,
+                                            view.fused, (view.n_words, view.n_boxes))}
+
+    def weight(self, done_steps, num_train_steps):
+        return tsa_weight(done_steps, num_train_steps)
+
+
+@register_objective
+class IaisDistributed(IaisSingular):
+    """IAIS with distributed alignment on the last layer (as :class:`IaisSingular`)."""
+    name = "iais-distributed"
+    alignment = "distributed"
+
+
+def iais_objective(alignment):
+    """The IAIS objective of ``alignment`` ('singular' or 'distributed')."""
+    return OBJECTIVES[f"iais-{alignment}"]()

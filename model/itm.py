@@ -7,7 +7,8 @@ from torch import nn
 
 from utils.row_lengths import RowLengths
 
-from .iais import IaisVariant
+from .alignment import SIDES
+from .iais import IaisVariant, iais_objective
 from .model import UniterModel, UniterPreTrainedModel
 
 
@@ -36,6 +37,27 @@ class FastPaths:
         return cls(fused_attention=False, length_buckets=0, first_token_only=False)
 
 
+@dataclass(frozen=True)
+class Alignment:
+    """What one forward aligns: ``side`` ('L', 'V' or None: nothing) with ``objectives``
+    (None: the model's own)."""
+    side: str = None
+    objectives: tuple = None
+
+    @classmethod
+    def of(cls, IAIS, align):
+        """From a forward's arguments: the original's ``IAIS`` variant (its IAIS objective
+        alone, on its modality) or ``align`` (the model's objectives on that side)."""
+        variant = IaisVariant.parse(IAIS)
+        if variant is not None:
+            if align is not None and align != variant.modality:
+                raise ValueError(f"IAIS={IAIS!r} aligns {variant.modality!r}, but align={align!r} was given too")
+            return cls(variant.modality, (iais_objective(variant.alignment),))
+        if align is not None and align not in SIDES:
+            raise ValueError(f"align must be one of {SIDES} or None, got {align!r}")
+        return cls(align)
+
+
 @contextmanager
 def scoring_mode(module):
     """``module`` in eval mode without gradients for the block; its previous mode comes
@@ -51,11 +73,12 @@ def scoring_mode(module):
 
 class UniterForImageTextRetrieval(UniterPreTrainedModel):
     """Scores image-text pairs with one logit; groups of ``pairs_num`` rows are
-    (positive, negatives...) for the ranking loss. ``fast_paths``: see :class:`FastPaths`."""
+    (positive, negatives...) for the ranking loss. ``fast_paths``: see :class:`FastPaths`;
+    ``objectives``: the alignment objectives (model/alignment.py) its encoder computes."""
 
-    def __init__(self, config, img_dim, pairs_num, margin=0.2, *, fast_paths=FastPaths()):
+    def __init__(self, config, img_dim, pairs_num, margin=0.2, *, fast_paths=FastPaths(), objectives=()):
         super().__init__(config)
-        self.uniter = UniterModel(config, img_dim, fused_attention=fast_paths.fused_attention)
+        self.uniter = UniterModel(config, img_dim, fused_attention=fast_paths.fused_attention, objectives=objectives)
         self.itm_output = nn.Linear(config.hidden_size, 2)
         self.rank_output = nn.Linear(config.hidden_size, 1)
         self.margin = margin
@@ -70,7 +93,7 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             self.rank_output.weight.copy_(self.itm_output.weight[1:])
             self.rank_output.bias.copy_(self.itm_output.bias[1:])
 
-    def forward(self, batch, compute_loss=True, IAIS=False):
+    def forward(self, batch, compute_loss=True, IAIS=False, align=None):
         """Returns (output, losses).
 
         batch: the dict the datasets produce (compact layout with ``gather_index``, or the
@@ -78,34 +101,38 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         compute_loss: output is the ranking loss [groups, sample_size - 1] of each negative
         (groups of ``batch['sample_size']`` rows, the positive first),
         ``clamp(margin + sigmoid(s_neg) - sigmoid(s_pos), min=0)``; otherwise the raw
-        scores [n, 1]. IAIS: False/None, one of 'L-singular', 'V-singular',
-        'L-distributed', 'V-distributed', or an IaisVariant; with compute_loss, losses is
-        {'self_attn_loss': ..., 'self_attn_loss/layer_{N-1}': ...}, otherwise {}.
-        (The original returned the bare tensor without IAIS.)
+        scores [n, 1]. align: 'L' or 'V' (whose self-attention the model's alignment
+        objectives align on this batch; None: none); IAIS (the original's call, instead of
+        align): False/None, one of 'L-singular', 'V-singular', 'L-distributed',
+        'V-distributed', or an IaisVariant, aligning with that IAIS variant alone. With
+        compute_loss, losses holds the objectives' loss terms (IAIS: {'self_attn_loss': ...}),
+        otherwise it is {}. (The original returned the bare tensor without IAIS.)
         """
-        return self._output(batch, compute_loss, IaisVariant.parse(IAIS))
+        return self._output(batch, compute_loss, Alignment.of(IAIS, align))
 
-    def _output(self, batch, compute_loss, iais_variant):
+    def _output(self, batch, compute_loss, alignment):
         if not compute_loss:
             return self._score(batch), {}
-        rank_scores, losses = self._logits(batch, iais_variant)
+        rank_scores, losses = self._logits(batch, alignment)
         scores = torch.sigmoid(rank_scores).view(-1, batch["sample_size"])
         rank_loss = torch.clamp(self.margin + scores[:, 1:] - scores[:, :1], min=0)
         return rank_loss, losses
 
-    def _logits(self, batch, iais_variant=None):
+    def _logits(self, batch, alignment=None):
         """(raw ranking logits [n, 1], the encoder's losses) of a batch in either layout;
-        IAIS batches run on the padded concatenation, as in the original."""
-        gather_index = None if iais_variant is not None else batch.get("gather_index")
+        aligned batches run on the padded concatenation, as IAIS batches in the original."""
+        aligned = alignment is not None and alignment.side is not None
+        gather_index = None if aligned else batch.get("gather_index")
         mask_counts = None
-        if iais_variant is not None:
+        if aligned:
             lengths = row_lengths(batch)
             mask_counts = (lengths.words, lengths.boxes)
         sequence_output, losses = self.uniter(
             batch["input_ids"], batch["position_ids"], batch["img_feat"], batch["img_pos_feat"],
             batch["attn_masks"], gather_index, batch.get("txt_attn_masks"), batch.get("img_attn_masks"),
-            output_all_encoded_layers=False, iais_variant=iais_variant, pairs_num=self.pairs_num,
-            first_token_only=self.fast_paths.first_token_only, mask_counts=mask_counts)
+            output_all_encoded_layers=False, pairs_num=self.pairs_num,
+            first_token_only=self.fast_paths.first_token_only, align=alignment.side if aligned else None,
+            objectives=alignment.objectives if aligned else None, mask_counts=mask_counts)
         return self.rank_output(self.uniter.pooler(sequence_output)), losses
 
     def _score(self, batch):
@@ -161,23 +188,23 @@ def _length_buckets(batch, size):
 class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
     """Training on the ``hard_size`` highest-scoring negatives of each micro-batch."""
 
-    def __init__(self, config, img_dim, margin=0.2, hard_size=16, *, fast_paths=FastPaths()):
-        super().__init__(config, img_dim, hard_size + 1, margin, fast_paths=fast_paths)
+    def __init__(self, config, img_dim, margin=0.2, hard_size=16, *, fast_paths=FastPaths(), objectives=()):
+        super().__init__(config, img_dim, hard_size + 1, margin, fast_paths=fast_paths, objectives=objectives)
         self.hard_size = hard_size
 
-    def forward(self, batch, sample_from="t", compute_loss=True, IAIS=False):
+    def forward(self, batch, sample_from="t", compute_loss=True, IAIS=False, align=None):
         """Returns (output, losses), as :meth:`UniterForImageTextRetrieval.forward`.
 
         batch: one micro-batch, the positive first, then negatives sharing its text
         (sample_from='t') or its image ('i'); the shared side may come as one row.
         In training with compute_loss: every pair is scored in eval mode without
         gradients (unless every negative is kept anyway), and output is the ranking loss
-        [1, hard_size] of the positive against the top ``hard_size`` negatives (with IAIS,
-        losses holds its loss on them).
+        [1, hard_size] of the positive against the top ``hard_size`` negatives (with
+        ``align`` or IAIS, losses holds the alignment loss terms on them).
         Otherwise output is as in the parent class on the whole batch, without IAIS (as
         in the original): losses is {}.
         """
-        iais_variant = IaisVariant.parse(IAIS)
+        alignment = Alignment.of(IAIS, align)
         batch = _expand_shared_side(batch, sample_from)
         if not (self.training and compute_loss):
             return self._output(batch, compute_loss, None)
@@ -185,8 +212,8 @@ class UniterForImageTextRetrievalHardNeg(UniterForImageTextRetrieval):
         if batch["attn_masks"].size(0) - 1 != self.hard_size:
             with scoring_mode(self):
                 scores = self._score(batch)
-        hard_batch = self.select_hard_batch(batch, scores, sample_from, iais_variant is not None)
-        return self._output(hard_batch, True, iais_variant)
+        hard_batch = self.select_hard_batch(batch, scores, sample_from, alignment.side is not None)
+        return self._output(hard_batch, True, alignment)
 
     def select_hard_batch(self, batch, scores, sample_from="t", iais_masks=False):
         """The positive (row 0) and the top-``hard_size`` negatives by ``scores`` [n, 1],

@@ -6,14 +6,12 @@ import logging
 import torch
 from torch import nn
 
-from .iais import iais_loss
+from utils.errors import CheckpointMismatchError
+
+from .alignment import AttentionView, encoder_layers
 from .layer import BertLayer, BertPooler, additive_mask
 
 logger = logging.getLogger(__name__)
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint tensor whose shape does not fit the model config."""
 
 
 class UniterConfig:
@@ -165,46 +163,48 @@ class UniterImageEmbeddings(nn.Module):
 
 
 class UniterEncoder(nn.Module):
-    """Stack of BERT layers; with an IAIS variant it also computes the alignment loss of the
-    last layer's self-attention.
+    """Stack of BERT layers; built with alignment objectives (model/alignment.py, e.g. IAIS),
+    it also computes their losses on the self-attention of the layers they read.
 
     fused_attention: fused attention kernels in every layer and the IAIS attention blocks
     from one softmax per key mask; False: the original's eager attention and four passes.
     Both give the same values.
     """
 
-    def __init__(self, config, fused_attention=True):
+    def __init__(self, config, fused_attention=True, objectives=()):
         super().__init__()
         self.layer = nn.ModuleList([BertLayer(config, fused_attention)
                                     for _ in range(config.num_hidden_layers)])
         self.fused_attention = fused_attention
+        self.objectives = tuple(objectives)
 
     def forward(self, input_, attention_mask, txt_attn_mask=None, img_attn_mask=None, max_tl=0,
-                output_all_encoded_layers=True, iais_variant=None, pairs_num=3, first_token_only=False,
-                mask_counts=None):
+                output_all_encoded_layers=True, pairs_num=3, first_token_only=False, align=None,
+                objectives=None, mask_counts=None):
         """input_ [B, N, D]; attention_mask: 0/1 [B, N]. Returns (layers, losses): the
         hidden states [B, N, D] after each layer (the last one alone without
-        output_all_encoded_layers), and a dict of losses.
+        output_all_encoded_layers), and a dict of loss terms.
 
-        iais_variant (an IaisVariant, or None: losses is {}): the IAIS loss of the
-        positives (rows 0, pairs_num, 2*pairs_num, ...) on the hidden states entering the
-        last layer, as losses['self_attn_loss'] and losses['self_attn_loss/layer_{N-1}'];
-        txt_attn_mask/img_attn_mask are their 0/1 position masks [P, N] and max_tl the
-        padded text length; mask_counts (words, boxes), the ones of each row of the two
-        masks as ints (read off the masks when None).
+        align ('L' text or 'V' image, or None: losses is {}): whose self-attention the
+        objectives (this encoder's, or ``objectives`` for this call) align, on the positives
+        (rows 0, pairs_num, 2*pairs_num, ...) and the hidden states entering each
+        objective's layer; txt_attn_mask/img_attn_mask are their 0/1 position masks [P, N],
+        max_tl the padded text length and mask_counts (words, boxes) the ones of each mask
+        row as ints (read off the masks when None). IAIS gives losses['self_attn_loss'].
         first_token_only: the last layer computes the [CLS] position only ([B, 1, D]).
         """
+        by_layer = encoder_layers(self.objectives if objectives is None else objectives,
+                                  len(self.layer)) if align else {}
         bias = additive_mask(attention_mask[:, None, None, :], input_.dtype)
         hidden_states = input_
         all_layers, losses = [], {}
         last = len(self.layer) - 1
         for i, layer_module in enumerate(self.layer):
-            if iais_variant is not None and i == last:
-                scores = layer_module.attention.self.attention_scores(hidden_states[::pairs_num])
-                loss = iais_loss(iais_variant, scores, txt_attn_mask, img_attn_mask, max_tl,
-                                 self.fused_attention, mask_counts)
-                losses[f"self_attn_loss/layer_{i}"] = loss
-                losses["self_attn_loss"] = loss
+            if i in by_layer:
+                view = self._attention_view(layer_module, hidden_states[::pairs_num], txt_attn_mask, img_attn_mask,
+                                            max_tl, align, mask_counts)
+                for objective in by_layer[i]:
+                    losses.update(objective(view))
             hidden_states = layer_module(hidden_states, bias, first_token_only and i == last)
             if output_all_encoded_layers:
                 all_layers.append(hidden_states)
@@ -212,16 +212,23 @@ class UniterEncoder(nn.Module):
             all_layers.append(hidden_states)
         return all_layers, losses
 
+    def _attention_view(self, layer_module, positives, txt_mask, img_mask, max_tl, align, mask_counts):
+        if mask_counts is None:
+            mask_counts = (tuple(txt_mask.sum(1).tolist()), tuple(img_mask.sum(1).tolist()))
+        scores = layer_module.attention.self.attention_scores(positives)
+        return AttentionView(scores, txt_mask, img_mask, max_tl, *mask_counts, side=align,
+                             fused=self.fused_attention)
+
 
 class UniterModel(UniterPreTrainedModel):
     """Embeddings of [text | image], the encoder and the pooler (fused_attention as in
     :class:`UniterEncoder`)."""
 
-    def __init__(self, config, img_dim, fused_attention=True):
+    def __init__(self, config, img_dim, fused_attention=True, objectives=()):
         super().__init__(config)
         self.embeddings = UniterTextEmbeddings(config)
         self.img_embeddings = UniterImageEmbeddings(config, img_dim)
-        self.encoder = UniterEncoder(config, fused_attention)
+        self.encoder = UniterEncoder(config, fused_attention, objectives)
         self.pooler = BertPooler(config)
         self.apply(self.init_weights)
 
@@ -246,25 +253,25 @@ class UniterModel(UniterPreTrainedModel):
 
     def forward(self, input_ids, position_ids, img_feat, img_pos_feat, attention_mask,
                 gather_index=None, txt_attn_mask=None, img_attn_mask=None,
-                output_all_encoded_layers=True, iais_variant=None, txt_type_ids=None,
-                img_type_ids=None, pairs_num=3, first_token_only=False, mask_counts=None):
+                output_all_encoded_layers=True, txt_type_ids=None, img_type_ids=None, pairs_num=3,
+                first_token_only=False, align=None, objectives=None, mask_counts=None):
         """Returns (sequence_output, losses): the list of every layer's hidden states
         [B, N, D], or with output_all_encoded_layers=False the last layer's [B, N, D]; and
-        the encoder's losses ({} without iais_variant; see :class:`UniterEncoder`, also for
-        mask_counts).
+        the encoder's loss terms ({} without ``align``; see :class:`UniterEncoder` for align,
+        objectives and mask_counts).
 
         first_token_only (with output_all_encoded_layers=False): the output is the [CLS]
         position alone, [B, 1, D], which is all the pooler reads; it saves most of the last
         layer."""
         if first_token_only and output_all_encoded_layers:
             raise ValueError("first_token_only needs output_all_encoded_layers=False")
-        if iais_variant is not None and (txt_attn_mask is None or img_attn_mask is None):
-            raise ValueError("IAIS needs txt_attn_masks and img_attn_masks in the batch "
+        if align and (txt_attn_mask is None or img_attn_mask is None):
+            raise ValueError("alignment objectives (IAIS) need txt_attn_masks and img_attn_masks in the batch "
                              "(build the dataset with IAIS enabled)")
         embedding_output = self.embed(input_ids, position_ids, img_feat, img_pos_feat, gather_index,
                                       txt_type_ids, img_type_ids)
         layers, losses = self.encoder(
             embedding_output, attention_mask, txt_attn_mask, img_attn_mask, input_ids.size(1),
-            output_all_encoded_layers=output_all_encoded_layers, iais_variant=iais_variant,
-            pairs_num=pairs_num, first_token_only=first_token_only, mask_counts=mask_counts)
+            output_all_encoded_layers=output_all_encoded_layers, pairs_num=pairs_num,
+            first_token_only=first_token_only, align=align, objectives=objectives, mask_counts=mask_counts)
         return (layers if output_all_encoded_layers else layers[-1]), losses

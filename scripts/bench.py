@@ -45,7 +45,7 @@ from data import (WORKER_TYPES, ItmEvalDataset, ItmRankDatasetHardNegFromImage, 
                   ResumableStream, itm_rank_hn_collate, pad_tensors)
 from data.batch import box_position_features
 from model import UniterConfig, UniterForImageTextRetrievalHardNeg
-from scripts.bench_common import fast_paths, fed_loop, make_bench_db, open_bench_dbs, train_loss
+from scripts.bench_common import BENCH_OBJECTIVES, fast_paths, fed_loop, make_bench_db, open_bench_dbs, train_loss
 from scripts.original_checkout import check_checkout
 from scripts.repo import child_env
 from scripts.timing import rate
@@ -134,7 +134,8 @@ def small_model(fast, hard_size=7):
     config = UniterConfig(28996, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                           intermediate_size=1024, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
-    return UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size, fast_paths=fast_paths(fast))
+    return UniterForImageTextRetrievalHardNeg(config, 2048, hard_size=hard_size, fast_paths=fast_paths(fast),
+                                              objectives=BENCH_OBJECTIVES)
 
 
 def text_side_batch(root, negatives, seed, IAIS=False, index=0):

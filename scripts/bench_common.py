@@ -7,10 +7,13 @@ from os.path import exists, join
 import numpy as np
 import torch
 
-from data import DetectFeatLmdb, ImgDbWriter, TxtTokLmdb, write_txt_db
+from data import ImgDbWriter, TxtTokLmdb, open_img_db, write_txt_db
 from engine.train_step import hard_batch_loss
-from model import FastPaths, IaisVariant, UniterConfig, UniterForImageTextRetrievalHardNeg
+from model import FastPaths, UniterConfig, UniterForImageTextRetrievalHardNeg, build_objectives
 from utils.row_lengths import RowLengths
+
+# every benchmark model computes IAIS singular when its batch is aligned
+BENCH_OBJECTIVES = build_objectives(["iais-singular"])
 
 
 def make_bench_db(root, n_images, seed=0):
@@ -31,7 +34,7 @@ def make_bench_db(root, n_images, seed=0):
 
 
 def open_bench_dbs(root):
-    return TxtTokLmdb(join(root, "txt"), 60), DetectFeatLmdb(join(root, "img"), 0.2, 100, 10, 36, False)
+    return TxtTokLmdb(join(root, "txt"), 60), open_img_db(join(root, "img"), 0.2, 100, 10, 36, False)
 
 
 def fed_loop(stream, step, min_time):
@@ -57,8 +60,9 @@ def fast_paths(fast, buckets=16):
 
 
 def train_loss(model, batch, iais):
-    """The hard-negative ranking loss of a text-side batch, plus the IAIS loss with ``iais``."""
-    loss, _ = hard_batch_loss(model, batch, "t", IaisVariant.of("L", iais), tsa=1.0, positives=1)
+    """The hard-negative ranking loss of a text-side batch, plus (``iais`` true) the IAIS
+    loss of the model's objectives (:data:`BENCH_OBJECTIVES`) at full weight."""
+    loss, _ = hard_batch_loss(model, batch, "t", "L" if iais else None, {"self_attn_loss": 1.0}, positives=1)
     return loss
 
 
@@ -81,7 +85,7 @@ def seeded_model(cls, config, device, **kwargs):
 def hard_negative_model(config, device, hard, fast):
     """The training model with the fast paths (length buckets of 32) or the original's."""
     return seeded_model(UniterForImageTextRetrievalHardNeg, config, device, hard_size=hard,
-                         fast_paths=fast_paths(fast, 32))
+                         fast_paths=fast_paths(fast, 32), objectives=BENCH_OBJECTIVES)
 
 
 def synthetic_batch(config, device, n, txt_len, num_bb):

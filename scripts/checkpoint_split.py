@@ -1,8 +1,8 @@
 """The split and the checkpoint that the attention scripts (isd.py, visualize_attention.py)
 read: their flags, and the matched-pair dataset and the model in eval mode they name."""
-from data import CaptionDataset, DetectFeatLmdb, TxtTokLmdb
+from data import CaptionDataset, TxtTokLmdb, open_img_db
 from model import IMG_DIM, UniterForImageTextRetrieval
-from utils.checks import check_split, load_model
+from engine.checks import check_split, load_model
 from utils.config import add_box_args, make_parser
 
 
@@ -20,7 +20,7 @@ def split_parser(description):
 def open_split(opts):
     """(the split's captions with their images, model in eval mode) from the split_parser flags."""
     txt_db = TxtTokLmdb(opts.txt_db, -1)
-    img_db = DetectFeatLmdb(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
+    img_db = open_img_db(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
     model, _ = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint, opts.allow_random_init,
                           img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)

@@ -151,7 +151,7 @@ def device_benchmarks(log, work, cuda, min_time, peak):
     negatives = 399 if cuda else 7
     out = bench_device(device, config, min_time, peak_tflops=peak,
                        stream=training_stream(root, device, negatives), **sizes)
-    out.update(bench_utilisation(device, config, min_time, **sizes))
+    out.update(bench_utilisation(device, config, min_time, **(sizes or {"n": 400, "hard": 31})))
     log("device benchmark: " + json.dumps({k: v for k, v in out.items() if "per_s" in k or "mfu" in k or
                                            "waiting" in k or k.startswith("util_")}, default=str))
     evaluation = bench_evaluation(root, device, config, min_time, peak_tflops=peak,

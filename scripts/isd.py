@@ -21,7 +21,7 @@ from model.iais import VARIANTS
 from scripts.checkpoint_split import open_split, split_parser
 from utils.cli import run
 from utils.config import POSITIVE, ConfigError, load_json
-from utils.isd import annotated_isd, layer_attention_blocks, pair_isd
+from model.isd import annotated_isd, layer_attention_blocks, pair_isd
 
 
 def read_annotations(path):

@@ -16,7 +16,7 @@ from model.iais import distributed_pseudo, singular_pseudo
 from scripts.checkpoint_split import open_split, split_parser
 from utils.cli import run
 from utils.config import ConfigError, load_json
-from utils.isd import layer_attention_blocks
+from model.isd import layer_attention_blocks
 
 
 def token_names(ids, vocab_path):

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY_CONFIG, load_fixture
 from helpers import run
-from utils.isd import annotated_isd, layer_attention_blocks, pair_isd
+from model.isd import annotated_isd, layer_attention_blocks, pair_isd
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

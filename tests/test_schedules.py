@@ -5,7 +5,8 @@ import os
 import pytest
 
 from conftest import FIXTURES
-from utils.optim import get_lr_sched, tsa_weight, warmup_linear
+from model.iais import tsa_weight
+from utils.optim import get_lr_sched, warmup_linear
 
 with open(os.path.join(FIXTURES, "ref_sched.json")) as f:
     REF = json.load(f)

@@ -294,6 +294,7 @@ def test_gpu_check_takes_the_cpu_branch_and_finishes(tmp_path):
     assert tests["exit_status"] == 0 and tests["skipped"] >= 10 and "passed" not in tests and not tests["failed_tests"]
     bench, evaluation = results["bench"], results["evaluation"]
     assert bench["device_score_bf16_fused_pairs_per_s"] > 0 and bench["device_fed_train_iais_bf16_steps_per_s"] > 0
+    assert 0 < bench["util_cpu_score_fp32_of_matmul"] < 1 and 0 < bench["util_cpu_train_iais_fp32_of_matmul"] < 1
     for dtype in ("fp16", "bf16"):
         rate = evaluation[f"eval_pipeline_{dtype}_pairs_per_s"]
         assert evaluation[f"eval_pipeline_{dtype}_buckets"] in (0, 4)
@@ -322,15 +323,19 @@ def test_utilisation_is_model_flops_over_the_measured_matmul_rate():
     from torch.utils.flop_counter import FlopCounterMode
     from conftest import TINY_CONFIG
     from model import UniterConfig
-    from scripts.bench_common import hard_negative_model, synthetic_batch, train_loss, without_dropout
+    from model import FastPaths, UniterForImageTextRetrievalHardNeg
+    from scripts.bench_common import BENCH_OBJECTIVES, synthetic_batch, train_loss, without_dropout
     from scripts.utilisation import bench_utilisation, train_step_flops
     config = UniterConfig.from_json_file(TINY_CONFIG)
     out = bench_utilisation(torch.device("cpu"), config, 0.0, n=8, hard=3, txt_len=6, num_bb=10)
     assert out["util_cpu_matmul_fp32_gflops"] > 0
     for name in ("score", "train_iais"):
         share = out[f"util_cpu_{name}_fp32_of_matmul"]
-        assert share == out[f"util_cpu_{name}_fp32_gflops"] / out["util_cpu_matmul_fp32_gflops"] and 0 < share < 1
-    model = hard_negative_model(without_dropout(config), torch.device("cpu"), 3, False).train()
+        assert share == pytest.approx(out[f"util_cpu_{name}_fp32_gflops"] / out["util_cpu_matmul_fp32_gflops"])
+        assert 0 < share < 1
+    # the model bench_utilisation measures, with eager attention for the counter
+    model = UniterForImageTextRetrievalHardNeg(without_dropout(config), 2048, hard_size=3, objectives=BENCH_OBJECTIVES,
+                                               fast_paths=FastPaths(fused_attention=False)).train()
     batch = {k: v for k, v in synthetic_batch(config, torch.device("cpu"), 8, 6, 10).items() if k != "gather_index"}
     with FlopCounterMode(display=False) as counter:
         train_loss(model, batch, "singular").backward()

@@ -11,9 +11,9 @@ from conftest import TINY_CONFIG, load_fixture
 from engine.checkpointing import TrainingState
 from data import ItmRankDatasetHardNegFromImage, ItmRankDatasetHardNegFromText
 from engine.train_step import SIDES, NonFinitePolicy, TrainStep, hard_batch_loss, read_terms
-from model import FastPaths, IaisVariant, UniterConfig, UniterForImageTextRetrievalHardNeg
+from model import FastPaths, UniterConfig, UniterForImageTextRetrievalHardNeg, build_objectives
+from model.iais import tsa_weight
 from utils.cli import TrainingError
-from utils.optim import tsa_weight
 from utils.precision import make_scaler
 
 CASES = load_fixture("ref_hardneg.pt")
@@ -24,22 +24,28 @@ def case(sample_from, iais):
     return found, {k: (v.float() if k == "img_feat" else v) for k, v in found["batch"].items()}
 
 
-def tiny_state(ref_model_state, streams, lr=1.0):
+def objectives_of(alignment):
+    return build_objectives([f"iais-{alignment}"] if alignment else [])
+
+
+def tiny_state(ref_model_state, streams, lr=1.0, objectives=()):
     config = UniterConfig.from_json_file(TINY_CONFIG)
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     model = UniterForImageTextRetrievalHardNeg.from_pretrained(config, dict(ref_model_state), img_dim=2048,
-                                                               hard_size=3, fast_paths=FastPaths.original())
+                                                               hard_size=3, fast_paths=FastPaths.original(),
+                                                               objectives=objectives)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     return TrainingState(model.train(), optimizer, make_scaler(torch.device("cpu"), False), streams)
 
 
 def train_step(state, alignment, num_train_steps=4, lr_at=lambda step: 0.1 * step, max_skipped=3):
-    return TrainStep(state, positives=1, iais_alignment=alignment, num_train_steps=num_train_steps, lr_at=lr_at,
+    return TrainStep(state, positives=1, objectives=state.model.uniter.encoder.objectives,
+                     num_train_steps=num_train_steps, lr_at=lr_at,
                      grad_norm=-1, max_skipped_steps=max_skipped, device=torch.device("cpu"), amp_dtype=None)
 
 
 def test_sides_train_in_the_original_order_with_their_variants():
-    assert [(s.stream, s.sample_from, s.modality) for s in SIDES] == [("image", "i", "V"), ("text", "t", "L")]
+    assert [(s.stream, s.sample_from, s.align) for s in SIDES] == [("image", "i", "V"), ("text", "t", "L")]
 
 
 def test_one_step_applies_the_originals_gradients_of_both_sides(ref_model_state):
@@ -47,7 +53,7 @@ def test_one_step_applies_the_originals_gradients_of_both_sides(ref_model_state)
     lr * (the original's gradient of the image-side batch + that of the text-side batch)."""
     (image_case, image_batch), (text_case, text_batch) = case("i", "V-singular"), case("t", "L-singular")
     streams = {"image": itertools.repeat(image_batch), "text": itertools.repeat(text_batch)}
-    state = tiny_state(ref_model_state, streams)
+    state = tiny_state(ref_model_state, streams, objectives=objectives_of("singular"))
     before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
     report = train_step(state, "singular")(4)
     assert report.lr == pytest.approx(0.5) and state.optimizer.param_groups[0]["lr"] == report.lr
@@ -66,13 +72,13 @@ def test_one_step_applies_the_originals_gradients_of_both_sides(ref_model_state)
 
 def test_hard_batch_loss_divides_by_the_positives_and_weights_iais(ref_model_state):
     ref, batch = case("t", "L-distributed")
-    model = tiny_state(ref_model_state, {}).model
+    model = tiny_state(ref_model_state, {}, objectives=objectives_of("distributed")).model
     tsa = tsa_weight(1, 4)
-    loss, parts = hard_batch_loss(model, batch, "t", IaisVariant("L", "distributed"), tsa, positives=4)
+    loss, parts = hard_batch_loss(model, batch, "t", "L", {"self_attn_loss": tsa}, positives=4)
     torch.testing.assert_close(parts["rank_loss"], ref["rank_loss"].mean() / 4, rtol=0, atol=1e-6)
     torch.testing.assert_close(loss, ref["rank_loss"].mean() / 4 + ref["self_attn_loss"] * tsa, rtol=0, atol=1e-6)
     ref, batch = case("t", False)
-    loss, parts = hard_batch_loss(model, batch, "t", None, tsa, positives=2)
+    loss, parts = hard_batch_loss(model, batch, "t", None, {"self_attn_loss": tsa}, positives=2)
     assert parts == {}
     torch.testing.assert_close(loss, ref["rank_loss"].mean() / 2, rtol=0, atol=1e-6)
 
@@ -126,8 +132,9 @@ def _reads_of_one_step(monkeypatch, ref_model_state, txt_db, img_db, positives, 
     sides = {"image": ItmRankDatasetHardNegFromImage(txt_db, img_db, negatives, IAIS=iais),
              "text": ItmRankDatasetHardNegFromText(txt_db, img_db, negatives, IAIS=iais)}
     streams = {name: iter([ds[i] for i in range(positives)]) for name, ds in sides.items()}
-    state = tiny_state(ref_model_state, streams, lr=1e-3)
-    step = TrainStep(state, positives=positives, iais_alignment=alignment, num_train_steps=10, lr_at=lambda s: 1e-3,
+    state = tiny_state(ref_model_state, streams, lr=1e-3, objectives=objectives_of(alignment))
+    step = TrainStep(state, positives=positives, objectives=objectives_of(alignment), num_train_steps=10,
+                     lr_at=lambda s: 1e-3,
                      grad_norm=2.0, max_skipped_steps=3, device=torch.device("cpu"), amp_dtype=None)
     report, reads = count_device_reads(monkeypatch, lambda: step(0))
     assert len(report.micro_losses) == 2 * positives and report.applied

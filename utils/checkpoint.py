@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, pickle-free loads, and the training state for --resume."""
+"""Checkpoint files: atomic writes, pickle-free loads, model weights and where the newest
+training state of a run is."""
 import errno
 import os
 import pickle
@@ -8,8 +9,6 @@ import zipfile
 from os.path import dirname, exists, join
 
 import torch
-
-from .misc import set_rng_state
 
 
 class CheckpointError(ValueError):
@@ -50,13 +49,14 @@ def _write_failure(error, directory):
         return f"no space left on the device holding {directory}; free some space and run again"
     if isinstance(error, OSError) and error.strerror:
         return f"{error.strerror} ({directory})"
-    return _first_line(error)
+    return first_line(error)
 
 
 _LOW_SPACE = 64 << 20
 
 
-def _first_line(error):
+def first_line(error):
+    """The first line of an error's message (its type when it has none), at most 160 characters."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:160]
 
@@ -82,9 +82,9 @@ def load_checkpoint(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{what} {path} needs pickled code to load and was refused "
-                              f"({_first_line(e)}); only plain tensor files are accepted") from None
+                              f"({first_line(e)}); only plain tensor files are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{what} {path} is unreadable or truncated ({_first_line(e)})") from None
+        raise CheckpointError(f"{what} {path} is unreadable or truncated ({first_line(e)})") from None
 
 
 def _describe(obj):
@@ -137,31 +137,6 @@ def save_model(model, ckpt_dir, tag):
 def save_training_state(ckpt_dir, step, state):
     """ckpt/train_state_{step}.pt, written after model_step_{step}.pt."""
     atomic_save(state, join(ckpt_dir, f"train_state_{step}.pt"))
-
-
-def _settings(param_groups):
-    return sorted(k for group in param_groups for k in group if k != "params")
-
-
-def restore_training_state(path, optimizer, scaler, streams, rank):
-    """Load ckpt/train_state_{N}.pt into the optimizer, the loss scaler, the data streams
-    and the RNGs; returns the step. A state written by another optimiser, model or format
-    is refused with one line instead of failing at the first step."""
-    state = load_checkpoint(path, "training state")
-    try:
-        saved = state["optimizer"]["param_groups"]
-        if _settings(saved) != _settings(optimizer.param_groups):
-            raise ValueError(f"written by another optimiser (settings {', '.join(sorted(set(_settings(saved))))})")
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        for side, stream in streams.items():
-            stream.load_state_dict(state["streams"][side])
-        rngs = state["rng"]
-        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        return int(state["global_step"])
-    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f"training state {path} does not fit this run ({type(e).__name__}: {_first_line(e)}); "
-                              f"resume with the options it was written with (log/hps.json)") from None
 
 
 def latest_training_state(ckpt_dir):

@@ -2,12 +2,10 @@
 import os
 import sys
 
-from data import DataError
-from model import CheckpointMismatchError
-
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_with_config
+from .errors import CheckpointMismatchError, DataError
 
 
 class TrainingError(RuntimeError):

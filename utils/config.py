@@ -9,7 +9,7 @@ import json
 import math
 import sys
 
-from data import errors as data_errors
+from . import errors
 
 
 class ConfigError(ValueError):
@@ -68,7 +68,7 @@ def _closest(name, known):
 
 
 def load_json(path, what="config"):
-    return data_errors.load_json(path, what, ConfigError)
+    return errors.load_json(path, what, ConfigError)
 
 
 def _check_type(action, key, value, source):

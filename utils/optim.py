@@ -72,9 +72,3 @@ def get_lr_sched(global_step, learning_rate, warmup_steps, num_train_steps):
     lr = learning_rate * warmup_linear(global_step, warmup_steps, num_train_steps)
     return lr if lr > 0 else 1e-8
 
-
-def tsa_weight(global_step, num_train_steps):
-    """Weight of the IAIS loss: exp(5 * (progress - 1)) ("exp_schedule" training signal
-    annealing), in float32 as the original computes it."""
-    progress = torch.tensor(global_step, dtype=torch.float) / torch.tensor(num_train_steps, dtype=torch.float)
-    return torch.exp((progress - 1) * 5)

@@ -20,6 +20,27 @@ RECALL_KEYS = tuple(f"{side}_r{k}" for side in SIDES for k in KS)
 _ROWS_PER_CHUNK = 2048  # bounds the [rows x images] comparison masks to some 10 MB per 5,000 images
 
 
+def recall_means(metrics):
+    """The evaluation log of R@K ``metrics``: per direction each R@K and their mean
+    (``{side}_r_mean``), then ``r_mean``, the mean of the two directions' means."""
+    log = {}
+    for side in ("txt", "img"):
+        log.update({f"{side}_r{k}": metrics[f"{side}_r{k}"] for k in KS})
+        log[f"{side}_r_mean"] = sum(metrics[f"{side}_r{k}"] for k in KS) / len(KS)
+    log["r_mean"] = (log["txt_r_mean"] + log["img_r_mean"]) / 2
+    return log
+
+
+def format_recall_table(log, original_counting=False):
+    """A :func:`recall_means` log as a small text table (percentages) naming its counting."""
+    lines = [f"{'':<16} " + " ".join(f"{f'R@{k}':>7}" for k in KS)]
+    for title, side in (("image retrieval", "img"), ("text retrieval", "txt")):
+        lines.append(f"{title:<16} " + " ".join(f"{log[f'{side}_r{k}'] * 100:7.2f}" for k in KS))
+    lines.append(f"{'R mean':<16} {log['r_mean'] * 100:7.2f}")
+    lines.append(f"({counting_name(original_counting)} recall counting)")
+    return "\n".join(lines)
+
+
 def counting_name(original_counting):
     return "original" if original_counting else "textbook"
 

@@ -7,8 +7,8 @@ the attention-based mapping by annotated phrase-to-box alignments.
 """
 import torch
 
-from model.iais import VARIANTS, IaisVariant, attention_blocks, kl_batchmean, pair_loss
-from model.layer import additive_mask
+from .iais import VARIANTS, IaisVariant, attention_blocks, kl_batchmean, pair_loss
+from .layer import additive_mask
 
 
 @torch.no_grad()

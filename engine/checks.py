@@ -16,9 +16,9 @@ from model import UniterConfig
 from model.layer import ACT2FN
 from model.model import normalise_checkpoint_keys
 
-from .checkpoint import CheckpointError, load_model_state
-from .config import ConfigError, load_json
-from .logger import LOGGER
+from utils.checkpoint import CheckpointError, load_model_state
+from utils.config import ConfigError, load_json
+from utils.logger import LOGGER
 
 _MODEL_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings", "type_vocab_size")
