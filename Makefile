@@ -1,7 +1,10 @@
 # make demo   build the synthetic demo data, train a small UNITER with IAIS on it, evaluate
 # make test   run the test suite (installs horovod once, so the horovodrun tests run too)
-# make bench  data-loader, evaluation and training throughput against the plain path
+# make bench  data-loader, evaluation and training throughput against the plain path, and
+#             UNITER-base's FLOP/s against this host's matmul rate
 #             (ORIGINAL=<checkout of lancopku/IAIS>: against the original code too)
+# make bench-threads  the demo's training time under OpenMP thread policies, on a quiet
+#             machine and beside busy processes (some 20 minutes on 2 cores)
 # make gpu-check  on a CUDA machine: the CUDA tests, UNITER-base rates and MFU, evaluation
 #             projected to the test sets, the demo trained with --fp16 (GPU_CHECK_OUT=dir;
 #             WHEELS=dir installs missing packages offline from wheels made by `make wheels`)
@@ -30,7 +33,7 @@ endif
 DEMO_DIR ?= demo
 DEMO_OUT ?= $(DEMO_DIR)/output
 
-.PHONY: demo test bench gpu-check wheels venv dev horovod lock clean-demo
+.PHONY: demo test bench bench-threads gpu-check wheels venv dev horovod lock clean-demo
 
 # torch is installed on its own (its build depends on the machine), the rest from $(REQUIREMENTS)
 $(VENV)/.runtime: $(REQUIREMENTS)
@@ -97,6 +100,9 @@ test: $(VENV)/.dev $(VENV)/.horovod $(VENV)/.repo-path
 
 bench: $(VENV)/.dev $(VENV)/.repo-path
 	$(PY) scripts/bench.py --output bench_out/bench.json $(if $(ORIGINAL),--original_repo $(ORIGINAL))
+
+bench-threads: $(VENV)/.repo-path
+	$(PY) scripts/bench_threads.py --output bench_out/threads.json
 
 # The GPU check runs with .venv when there is one, else with python3 (e.g. the PyTorch of a
 # CUDA image, which the check uses as it is); as a module, so that either finds the repository.
