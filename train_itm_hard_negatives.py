@@ -204,7 +204,7 @@ def main(opts):
                           training_streams(dsets, opts.seed, *loading))
     val_loader = prefetch_loader(dsets["val_full" if opts.full_val else "val"], itm_eval_collate, *loading)
     test_loader = prefetch_loader(dsets["test"], itm_eval_collate, *loading)
-    start_step = resume(state, folders.ckpt) if opts.resume else 0
+    start_step = resume(state, folders.ckpt, opts.model_config) if opts.resume else 0
     log_start(opts, model, dsets)
 
     def validate_at(step):

@@ -7,8 +7,8 @@ continue bit-identically: optimizer, loss scaler, data streams and every rank's 
 from dataclasses import dataclass
 
 from utils import distributed as dist
-from utils.checkpoint import (latest_training_state, load_model_state, restore_training_state, save_model,
-                              save_training_state)
+from utils.checkpoint import (CheckpointError, latest_training_state, load_model_state, restore_training_state,
+                              save_model, save_training_state)
 from utils.cli import TrainingError
 from utils.logger import LOGGER
 from utils.misc import rng_state
@@ -47,10 +47,23 @@ def save_checkpoint(state, ckpt_dir, step):
     dist.barrier()
 
 
-def resume(state, ckpt_dir):
-    """Load the newest complete checkpoint of ``ckpt_dir`` into ``state``; -> its step."""
+def _load_weights(model, model_path, model_config):
+    """The run's own weights; a checkpoint of another model size (a folder whose
+    log/model.json was edited by hand, say) is one line, not load_state_dict's report."""
+    try:
+        model.load_state_dict(load_model_state(model_path))
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"--resume: {model_path} does not fit the model of {model_config} ({first[:200]}); "
+                              f"resume with the model config the run was trained with") from None
+
+
+def resume(state, ckpt_dir, model_config):
+    """Load the newest complete checkpoint of ``ckpt_dir`` into ``state`` (whose model was
+    built from ``model_config``); -> its step."""
     _, model_path, state_path = latest_training_state(ckpt_dir)
-    state.model.load_state_dict(load_model_state(model_path))
+    _load_weights(state.model, model_path, model_config)
     step = restore_training_state(state_path, state.optimizer, state.scaler, state.streams, dist.get_rank())
     LOGGER.info("resumed from %s at step %d", state_path, step)
     return step
