@@ -11,6 +11,7 @@ are accumulated over ``train_batch_size`` micro-steps and averaged over processe
 """
 import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 from functools import partial
+from os.path import join
 
 from torch.utils.data import ConcatDataset
 
@@ -21,6 +22,7 @@ from data.groups import read_image_groups
 from engine.checkpointing import TrainingState, resume
 from engine.evaluation import evaluate, validation_scalars
 from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume, write_test_results
+from engine.run_settings import check_resume, record_changes, run_record
 from engine.train_step import TrainStep
 from engine.training import train
 from model import IMG_DIM, OBJECTIVES, UniterForImageTextRetrievalHardNeg, build_objectives
@@ -88,6 +90,10 @@ def build_parser():
       help="image-side hard batches without IAIS get the masks of their padded layout (the original's let "
            "shorter captions attend to [PAD] and lose the image's last regions)")
     a("--resume", action="store_true", help="continue from the last training state in output_dir")
+    a("--resume_with_changes", action="store_true",
+      help="with --resume: continue although settings that change what is trained (engine/run_settings.py) "
+           "differ from the run's log/hps.json; each change is logged, appended to log/hps_history.jsonl "
+           "and written to hps.json")
     a("--max_skipped_steps", type=int, default=100,
       valid=POSITIVE, help="stop after this many consecutive steps with non-finite gradients")
     a("--collective_timeout", type=int, default=600,
@@ -120,6 +126,8 @@ def check_options(opts):
         raise ConfigError(f"--betas takes two numbers, got {opts.betas}")
     if opts.conf_th != -1 and opts.min_bb > opts.max_bb:
         raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
+    if opts.resume_with_changes and not opts.resume:
+        raise ConfigError("--resume_with_changes accepts changed settings of a resumed run; add --resume")
 
 
 def run_objectives(iais, alignment):
@@ -197,6 +205,10 @@ def main(opts):
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
     opts.resume = decided_by_rank0(lambda: should_resume(opts.output_dir, opts.resume))
+    hps = run_record(vars(opts), dist.get_world_size())
+    # a resumed run is the same run: changed settings are refused before any work, unless accepted
+    changes = decided_by_rank0(lambda: check_resume(join(opts.output_dir, "log"), hps, opts.model_config,
+                                                    opts.resume_with_changes)) if opts.resume else []
     amp_dtype, use_scaler = resolve_amp(opts.fp16, opts.amp_dtype, device)
     LOGGER.info("device %s, %d process(es) via %s, mixed precision: %s%s", device, dist.get_world_size(),
                 dist.backend_name(), amp_dtype or "off", " with loss scaling" if use_scaler else "")
@@ -208,7 +220,7 @@ def main(opts):
     model = build_model(opts, objectives, device)
     check_splits(dsets, model.config)
     opts.resume = decided_by_rank0(lambda: claim(opts.output_dir, opts.resume))
-    folders = make_run_folders(opts.output_dir, opts.resume, vars(opts), opts.model_config)
+    folders = make_run_folders(opts.output_dir, opts.resume, hps, opts.model_config)
     tb = TensorBoardLogger(folders.log if dist.is_main_process() else None)
 
     dist.broadcast_parameters(model)
@@ -218,7 +230,9 @@ def main(opts):
                           training_streams(dsets, opts.seed, *loading))
     val_loader = prefetch_loader(dsets["val_full" if opts.full_val else "val"], itm_eval_collate, *loading)
     test_loader = prefetch_loader(dsets["test"], itm_eval_collate, *loading)
-    start_step = resume(state, folders.ckpt) if opts.resume else 0
+    start_step = resume(state, folders.ckpt, opts.model_config) if opts.resume else 0
+    if opts.resume and dist.is_main_process():  # recorded once the training state is known to fit
+        record_changes(folders.log, start_step, changes, hps, opts.model_config)
     log_start(opts, model, dsets, objectives)
 
     def validate_at(step):

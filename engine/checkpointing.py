@@ -70,10 +70,23 @@ def save_checkpoint(state, ckpt_dir, step):
     dist.barrier()
 
 
-def resume(state, ckpt_dir):
-    """Load the newest complete checkpoint of ``ckpt_dir`` into ``state``; -> its step."""
+def _load_weights(model, model_path, model_config):
+    """The run's own weights; a checkpoint of another model size (a folder whose
+    log/model.json was edited by hand, say) is one line, not load_state_dict's report."""
+    try:
+        model.load_state_dict(load_model_state(model_path))
+    except RuntimeError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"--resume: {model_path} does not fit the model of {model_config} ({first[:200]}); "
+                              f"resume with the model config the run was trained with") from None
+
+
+def resume(state, ckpt_dir, model_config):
+    """Load the newest complete checkpoint of ``ckpt_dir`` into ``state`` (whose model was
+    built from ``model_config``); -> its step."""
     _, model_path, state_path = latest_training_state(ckpt_dir)
-    state.model.load_state_dict(load_model_state(model_path))
+    _load_weights(state.model, model_path, model_config)
     saved = load_checkpoint(state_path, "training state")
     try:
         step = state.load_state_dict(saved, dist.get_rank())

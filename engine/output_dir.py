@@ -77,10 +77,10 @@ def decided_by_rank0(decide):
         try:
             outcome = ("ok", decide())
         except (ConfigError, OSError) as e:
-            outcome = ("error", str(e))
+            outcome = ("error", (str(e), getattr(e, "details", ())))
     kind, value = dist.all_gather_object(outcome)[0]
     if kind == "error":
-        raise ConfigError(value)
+        raise ConfigError(*value)
     return value
 
 

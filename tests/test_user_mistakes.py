@@ -372,6 +372,7 @@ TRAIN_CASES = [
     ("dropout 1.5", ["--dropout", "1.5"], {}, ["--dropout must be in [0, 1), got 1.5"]),
     ("betas 0.9 1.5", ["--betas", "0.9", "1.5"], {}, ["--betas must be in [0, 1), got 1.5"]),
     ("one beta", ["--betas", "0.9"], {}, ["--betas takes two numbers"]),
+    ("changes without resume", ["--resume_with_changes"], {}, ["--resume_with_changes", "add --resume"]),
     ("n_workers -1", ["--n_workers", "-1"], {}, ["--n_workers must be >= 0, got -1"]),
     ("collective_timeout 0", ["--collective_timeout", "0"], {}, ["--collective_timeout must be >= 1, got 0"]),
     ("learning rate nan", ["--learning_rate", "nan"], {}, ["--learning_rate must be a finite number"]),
@@ -447,13 +448,18 @@ def test_resume_with_a_state_of_another_optimiser(tmp_path, monkeypatch, capsys)
     _end_of_process()
     state = out / "ckpt" / "train_state_2.pt"
     before = state.read_bytes()
+    hps = (out / "log" / "hps.json").read_bytes()
     code, err = entry("train_itm_hard_negatives", ["--config", cfg, "--output_dir", out, "--resume",
-                                                   "--num_train_steps", "4", "--optim", "adamax"], monkeypatch, capsys)
+                                                   "--num_train_steps", "4", "--optim", "adamax",
+                                                   "--resume_with_changes"], monkeypatch, capsys)
     assert_one_line(code, err, "train_state_2.pt does not fit this run", "another optimiser", "hps.json")
     assert state.read_bytes() == before
+    # the changes accepted are recorded only once the training state fits
+    assert (out / "log" / "hps.json").read_bytes() == hps and not (out / "log" / "hps_history.jsonl").exists()
     torch.save({"global_step": 2, "optimizer": torch.load(state, weights_only=True)["optimizer"]}, state)
     code, err = entry("train_itm_hard_negatives", ["--config", cfg, "--output_dir", out, "--resume",
-                                                   "--num_train_steps", "4"], monkeypatch, capsys)
+                                                   "--num_train_steps", "4", "--resume_with_changes"],
+                      monkeypatch, capsys)
     assert_one_line(code, err, "train_state_2.pt does not fit this run", "KeyError")
     assert sorted(os.listdir(out / "ckpt")) == ["model_step_2.pt", "train_state_2.pt"]
 

@@ -29,8 +29,9 @@ def run(main_fn, parser, config_only_keys=()):
     try:
         main_fn(parse_with_config(parser, config_only_keys=config_only_keys))
     except USER_ERRORS as e:
-        # one write: the line of each rank stays whole when several ranks fail at once
-        sys.stderr.write(f"{prog}: error: {one_line(e)}\n")
+        # one write: the lines of each rank stay together when several ranks fail at once
+        details = "".join(f"  {line}\n" for line in getattr(e, "details", ()))
+        sys.stderr.write(f"{prog}: error: {one_line(e)}\n{details}")
         sys.stderr.flush()
         distributed.abandon()
         sys.exit(2)

@@ -13,7 +13,12 @@ from . import errors
 
 
 class ConfigError(ValueError):
-    pass
+    """A user's mistake in the options. ``details``: lines shown under the one-line message,
+    one per item (e.g. per changed setting), where a single line would hide what differs."""
+
+    def __init__(self, message, details=()):
+        super().__init__(message)
+        self.details = tuple(details)
 
 
 class Range:
