@@ -44,7 +44,7 @@ def _record(log_dir, hps, model=TINY_MODEL):
 
 
 def _changed(value):
-    """Another value of the same type (a list: its first element changed)."""
+    """Another value of the same type (a list: its first element changed, or one added)."""
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
@@ -54,7 +54,7 @@ def _changed(value):
     if isinstance(value, str):
         return value + "_other"
     if isinstance(value, list):
-        return [_changed(value[0])] + value[1:]
+        return [_changed(value[0])] + value[1:] if value else ["other"]
     return "other"  # None: an option that was off (amp_dtype, negative_groups)
 
 
