@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import run, tiny_train_config
+from helpers import assert_one_line, end_of_process, entry, run, tiny_train_config
 from utils import cli
 
 REF_MODEL = os.path.join(FIXTURES, "ref_model.pt")
@@ -32,33 +32,7 @@ def _release_what_a_run_holds():
     for handler in [h for h in root.handlers if h not in before]:
         root.removeHandler(handler)
         handler.close()
-    _end_of_process()
-
-
-def _end_of_process():
-    """What the end of an entry point's process does: its output_dir locks are released."""
-    from utils import misc
-    while misc._held_locks:
-        misc._held_locks.pop().close()
-
-
-def entry(module, argv, monkeypatch, capsys):
-    """(exit status, stderr) of an entry point run with ``argv``."""
-    mod = importlib.import_module(module)
-    monkeypatch.setattr(sys, "argv", [f"{module.rsplit('.', 1)[-1]}.py"] + [str(a) for a in argv])
-    with pytest.raises(SystemExit) as exited:
-        cli.run(mod.main, mod.build_parser(), getattr(mod, "CONFIG_ONLY_KEYS", {}))
-    _end_of_process()
-    return exited.value.code, capsys.readouterr().err
-
-
-def assert_one_line(code, err, *needles):
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, err[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+    end_of_process()
 
 
 # ----------------------------------------------------------------------------- data builders
@@ -444,7 +418,7 @@ def test_resume_with_a_state_of_another_optimiser(tmp_path, monkeypatch, capsys)
     mod = importlib.import_module("train_itm_hard_negatives")
     monkeypatch.setattr(sys, "argv", ["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(out)])
     cli.run(mod.main, mod.build_parser(), mod.CONFIG_ONLY_KEYS)
-    _end_of_process()
+    end_of_process()
     state = out / "ckpt" / "train_state_2.pt"
     before = state.read_bytes()
     code, err = entry("train_itm_hard_negatives", ["--config", cfg, "--output_dir", out, "--resume",

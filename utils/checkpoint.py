@@ -1,15 +1,14 @@
 """Checkpoints: atomic writes, pickle-free loads, and the training state for --resume."""
-import errno
 import os
 import pickle
-import shutil
 import re
 import zipfile
-from os.path import dirname, exists, join
+from os.path import exists, join
 
 import torch
 
 from .misc import set_rng_state
+from .outputs import atomic_write, first_line
 
 
 class CheckpointError(ValueError):
@@ -17,48 +16,9 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path):
-    """torch.save through a temporary file, fsync and rename: the file at ``path`` is
-    either the previous complete one or the new complete one, never a partial write."""
-    directory = dirname(path) or "."
-    tmp = join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            kept = "; the previous file there is intact" if exists(path) else "; nothing was written there"
-            raise CheckpointError(f"could not write {path}: {_write_failure(e, directory)}{kept}") from None
-        raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_failure(error, directory):
-    """Why a write failed, in the user's terms: torch.save's serializer reports a full disk
-    as 'file write failed' without the system's reason, so the free space is looked at."""
-    if getattr(error, "errno", None) == errno.ENOSPC or (
-            isinstance(error, RuntimeError) and "write failed" in str(error)
-            and shutil.disk_usage(directory).free < _LOW_SPACE):
-        return f"no space left on the device holding {directory}; free some space and run again"
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror} ({directory})"
-    return _first_line(error)
-
-
-_LOW_SPACE = 64 << 20
-
-
-def _first_line(error):
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+    """torch.save through utils.outputs.atomic_write: the file at ``path`` is either the
+    previous complete one or the new complete one, never a partial write."""
+    atomic_write(path, lambda f: torch.save(obj, f), error=CheckpointError)
 
 
 def _looks_like_torch_save(path):
@@ -82,9 +42,9 @@ def load_checkpoint(path, what="checkpoint"):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{what} {path} needs pickled code to load and was refused "
-                              f"({_first_line(e)}); only plain tensor files are accepted") from None
+                              f"({first_line(e)}); only plain tensor files are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(f"{what} {path} is unreadable or truncated ({_first_line(e)})") from None
+        raise CheckpointError(f"{what} {path} is unreadable or truncated ({first_line(e)})") from None
 
 
 def _describe(obj):
@@ -160,7 +120,7 @@ def restore_training_state(path, optimizer, scaler, streams, rank):
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         return int(state["global_step"])
     except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f"training state {path} does not fit this run ({type(e).__name__}: {_first_line(e)}); "
+        raise CheckpointError(f"training state {path} does not fit this run ({type(e).__name__}: {first_line(e)}); "
                               f"resume with the options it was written with (log/hps.json)") from None
 
 

@@ -8,13 +8,15 @@ from model import CheckpointMismatchError
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_with_config
+from .outputs import OutputError
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. gradients non-finite for too long)."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError, OSError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError, OutputError,
+               OSError)
 
 
 def one_line(error):
