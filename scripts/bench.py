@@ -50,6 +50,7 @@ from scripts.original_checkout import check_checkout
 from scripts.repo import child_env
 from scripts.timing import rate
 from scripts.utilisation import bench_utilisation
+from utils.outputs import write_json
 
 
 class PlainImages:
@@ -249,8 +250,7 @@ def main():
         results.update(bench_utilisation(device, base, opts.min_time, n=400, hard=31))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
-    with open(opts.output, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(opts.output, results, indent=2)
     for k, v in results.items():
         print(f"{k:45s} {v:.4g}" if isinstance(v, float) else f"{k:45s} {v}")
 

@@ -11,7 +11,6 @@ the mean wall time and, in brackets, its ratio to the same policy on the quiet m
 """
 import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ import time
 from os.path import abspath, dirname, exists, join
 
 from scripts.repo import ROOT, child_env
+from utils.outputs import write_json
 
 # name -> environment; every policy names the variables it relies on, so that none of them
 # comes from the caller's environment or from the project's default (utils/threads.py)
@@ -119,8 +119,7 @@ def main():
               "seconds": {n: {str(k): v for k, v in t.items()} for n, t in times.items()},
               "table": table(times, opts.loads, opts.timeout)}
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
-    with open(opts.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(opts.output, result, indent=2)
     print(result["table"])
 
 

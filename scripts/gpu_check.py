@@ -28,6 +28,7 @@ import time
 from os.path import join
 
 from scripts.repo import ROOT, child_env
+from utils.outputs import write_json
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the log; read when tqdm is imported
 # what the check imports, by module and pip name: a CUDA PyTorch image often lacks the first three
@@ -196,8 +197,7 @@ def main():
     log("demo: " + json.dumps(results["demo"]))
     results["targets"] = targets(results)
     results["total_s"] = time.time() - st
-    with open(join(opts.output, "gpu_check.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(join(opts.output, "gpu_check.json"), results, indent=2)
     log("targets: " + json.dumps(results["targets"]))
     log(f"GPU check finished in {results['total_s']:.0f} s: {join(opts.output, 'gpu_check.json')}")
     failed = results.get("cuda_tests", {}).get("exit_status", 0) not in (0, 5) or "error" in results["demo"]
