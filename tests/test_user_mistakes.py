@@ -206,7 +206,19 @@ INF_CASES = [
      ["hps.json must be a JSON object"]),
     ("train config with a bad box setting", lambda t: {"--train_config": _write(t / "hps.json", '{"max_bb": "x"}')},
      ["hps.json: max_bb must be an integer"]),
+    ("output_dir under a file", lambda t: {"--output_dir": str(t / "notes.pt" / "out")},
+     ["--output_dir", "lies under", "notes.pt, which is a file, not a folder"]),
+    ("output_dir a file", lambda t: {"--output_dir": str(t / "notes.pt")}, ["notes.pt exists and is not a folder"]),
+    ("train config where config.json goes", lambda t: {"--train_config": _in_out(t, "config.json", "{}"),
+                                                       "--overwrite": None},
+     ["--output_dir", "would write", "config.json, which is the same file as --train_config"]),
 ]
+
+
+def _in_out(tmp_path, name, text):
+    """A file the user keeps in --output_dir under a name that inf_itm.py writes."""
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return _write(tmp_path / "out" / name, text)
 
 
 def _smaller_table(tmp_path, table, key, rows):
@@ -599,6 +611,12 @@ SCRIPT_CASES = [
     ("make_demo_data", lambda t: ["--output", str(t / "d"), "--twins", "1.5"], ["--twins must be in [0, 1]"]),
     ("make_demo_data", lambda t: ["--output", str(t / "d"), "--n_val", "0"], ["--n_val must be >= 1"]),
     ("make_demo_data", lambda t: ["--output", str(t / "d"), "--seed", "-2"], ["--seed must be in [0, 4294967295]"]),
+    ("make_demo_data", lambda t: ["--output", _write(t / "d", "notes")], ["--output", "d exists and is not a folder"]),
+    ("visualize_attention", lambda t: _split_argv(t) + ["--txt_id", "test_flickr30k_000000000000_0", "--vocab",
+                                                        _write(t / "v.json", "{}"), "--output", str(t / "v.json")],
+     ["--output", "v.json is the same file as --vocab"]),
+    ("isd", lambda t: _split_argv(t) + ["--output", str(t / "only_bad" / "bad.npz")],
+     ["--output", "bad.npz exists and is not a folder"]),
 ]
 
 _KARPATHY = json.dumps({"dataset": "flickr30k", "images": [
