@@ -12,13 +12,14 @@ scripts/retrieval_metrics.py), output_dir/config.json and, with --dump_topk K,
 output_dir/topk.jsonl (each query's K best candidates and the rank of its true match). A
 checkpoint without ``rank_output`` (a pre-trained UNITER) is evaluated zero-shot from its ITM head.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import json
 import os
 from os.path import join
 
 from data import WORKER_TYPES, ItmEvalDataset, TxtTokLmdb, itm_eval_collate, open_img_db, prefetch_loader
 from engine.evaluation import gather_scores, itm_eval
+from engine.output_dir import decided_by_rank0
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
 from utils.checkpoint import atomic_save
@@ -27,8 +28,13 @@ from utils.cli import run
 from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, add_counting_arg, make_parser,
                           take_settings)
 from utils.logger import LOGGER, setup_logging
+from utils.outputs import atomic_write, lock_dir, refuse_overwriting_inputs, refuse_unwritable, write_json
 from utils.precision import autocast, resolve_amp
 from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, topk_records
+
+RESULTS = ("scores.json", "score_matrix.pt", "topk.jsonl")  # an earlier evaluation's, kept unless --overwrite
+WRITTEN = ("config.json",) + RESULTS
+INPUTS = ("checkpoint", "model_config", "train_config", "txt_db", "img_db")
 
 
 def build_parser():
@@ -67,27 +73,45 @@ def write_results(output_dir, settings, scores, txt_ids, img_ids, txt2img, origi
     txt2img = {t: txt2img[t] for t in txt_ids}
     log = itm_eval(scores, txt_ids, img_ids, txt2img, original_counting=bool(original_counting))
     os.makedirs(output_dir, exist_ok=True)
-    with open(join(output_dir, "config.json"), "w") as f:
-        json.dump(settings, f, indent=2)
+    write_json(join(output_dir, "config.json"), settings, indent=2)
     atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids, "txt2img": txt2img},
                 join(output_dir, "score_matrix.pt"))
-    with open(join(output_dir, "scores.json"), "w") as f:
-        json.dump({**log, "counting": counting_name(original_counting)}, f, indent=2)
+    write_json(join(output_dir, "scores.json"), {**log, "counting": counting_name(original_counting)}, indent=2)
     if dump_topk:
         gt_img = gt_image_index(txt_ids, img_ids, txt2img)
-        with open(join(output_dir, "topk.jsonl"), "w") as f:
+
+        def write_topk(f):
             for record in topk_records(scores, txt_ids, img_ids, gt_img, dump_topk):
                 f.write(json.dumps(record) + "\n")
+        atomic_write(join(output_dir, "topk.jsonl"), write_topk, binary=False)
     print(format_recall_table(log, original_counting))
+
+
+def check_output_dir(opts):
+    """Before any work: output_dir can be made, none of the files written there is an
+    input, and it holds no earlier evaluation (unless --overwrite)."""
+    refuse_unwritable("--output_dir", opts.output_dir, folder=True)
+    refuse_overwriting_inputs([("--output_dir", join(opts.output_dir, name), opts.output_dir) for name in WRITTEN],
+                              [(f"--{key}", getattr(opts, key)) for key in INPUTS])
+    refuse_earlier_results(opts.output_dir, RESULTS, opts.overwrite)
+
+
+def claim_output_dir(opts):
+    """Make and lock output_dir for this run's life, then look for earlier results again
+    (another run may have written there since the first look)."""
+    os.makedirs(opts.output_dir, exist_ok=True)
+    lock_dir(opts.output_dir, "--output_dir")
+    refuse_earlier_results(opts.output_dir, RESULTS, opts.overwrite)
 
 
 def main(opts):
     for key in ("txt_db", "img_db", "checkpoint", "model_config", "output_dir"):
         if not getattr(opts, key):
             raise ConfigError(f"--{key} is required")
-    refuse_earlier_results(opts.output_dir, ("scores.json", "score_matrix.pt", "topk.jsonl"), opts.overwrite)
+    check_output_dir(opts)
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
+    decided_by_rank0(lambda: claim_output_dir(opts))
     if opts.train_config is not None:
         take_settings(build_parser(), opts, opts.train_config, ("conf_th", "max_bb", "min_bb", "num_bb"))
     amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)

@@ -9,7 +9,7 @@ captions of other images, with the visual IAIS variant) and a text-side hard bat
 caption, its image and the hardest other images, with the linguistic variant); gradients
 are accumulated over ``train_batch_size`` micro-steps and averaged over processes.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 from functools import partial
 from os.path import join
 

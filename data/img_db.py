@@ -8,6 +8,8 @@ from os.path import exists, isdir, join
 import numpy as np
 import torch
 
+from utils.outputs import write_json
+
 from .errors import DataError, load_json_map
 from .feature_codec import decode_img_dump, encode_img_dump
 from .feature_store import register_store
@@ -29,6 +31,13 @@ def img_db_names(conf_th, max_bb, min_bb, num_bb, compress):
         db_name = f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
         nbb_file = f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
     return db_name + ("_compressed" if compress else ""), nbb_file
+
+
+def writer_file_names(conf_th, max_bb, min_bb, num_bb, compress, keep_all=False):
+    """(LMDB sub-directory, count file or None) that ImgDbWriter writes for a setting."""
+    if keep_all:  # every box, counts in nbb.json (the 'all' sub-DB)
+        return "all" + ("_compressed" if compress else ""), "nbb.json"
+    return img_db_names(conf_th, max_bb, min_bb, num_bb, compress)
 
 
 class DetectFeatLmdb:
@@ -118,10 +127,7 @@ class ImgDbWriter:
                  keep_all=False):
         self.img_dir, self.compress = img_dir, compress
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
-        if keep_all:  # every box, counts in nbb.json (the 'all' sub-DB)
-            db_name, self.nbb_file = "all" + ("_compressed" if compress else ""), "nbb.json"
-        else:
-            db_name, self.nbb_file = img_db_names(conf_th, max_bb, min_bb, num_bb, compress)
+        db_name, self.nbb_file = writer_file_names(conf_th, max_bb, min_bb, num_bb, compress, keep_all)
         self.db_dir = join(img_dir, db_name)
         if exists(join(self.db_dir, "data.mdb")):
             raise DataError(f"{self.db_dir} already exists; remove it or choose another output")
@@ -147,8 +153,7 @@ class ImgDbWriter:
         self._writer.put(IMG_DB_KEYS, json.dumps(list(self.name2nbb)).encode("utf-8"))
         self._writer.commit()
         if self.nbb_file:
-            with open(join(self.img_dir, self.nbb_file), "w", encoding="utf-8") as f:
-                json.dump(self.name2nbb, f)
+            write_json(join(self.img_dir, self.nbb_file), self.name2nbb)
 
     def __enter__(self):
         return self

@@ -1,14 +1,18 @@
 """The txt_db format: an LMDB of lz4(msgpack({'input_ids', 'img_fname', ...})) per text id,
 with the JSON indexes id2len, txt2img, img2txts and meta beside it."""
-import json
 from os.path import exists, isdir, join
 
 import lz4.frame
 import msgpack
 import torch
 
+from utils.outputs import write_json
+
 from .errors import DataError, load_json, load_json_map
 from .lmdb_io import ReadOnlyLmdb, WriteTxn
+
+TXT_DB_INDEXES = ("id2len", "txt2img", "img2txts", "meta")  # the JSON files beside the LMDB
+TXT_DB_FILES = ("data.mdb", "lock.mdb") + tuple(f"{name}.json" for name in TXT_DB_INDEXES)
 
 
 def encode_txt(value):
@@ -138,6 +142,5 @@ def write_txt_db(db_dir, examples, meta):
             id2len[id_] = len(ex["input_ids"])
             txt2img[id_] = ex["img_fname"]
             img2txts.setdefault(ex["img_fname"], []).append(id_)
-    for name, obj in (("id2len", id2len), ("txt2img", txt2img), ("img2txts", img2txts), ("meta", meta)):
-        with open(join(db_dir, f"{name}.json"), "w", encoding="utf-8") as f:
-            json.dump(obj, f)
+    for name, obj in zip(TXT_DB_INDEXES, (id2len, txt2img, img2txts, meta)):
+        write_json(join(db_dir, f"{name}.json"), obj)

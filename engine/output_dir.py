@@ -4,7 +4,6 @@
     output_dir/ckpt/      model_step_{N}.pt, train_state_{N}.pt
     output_dir/results_test/results_{N}.json
 """
-import json
 import os
 from dataclasses import dataclass
 from os.path import exists, join
@@ -13,7 +12,7 @@ from utils import distributed as dist
 from utils.checkpoint import latest_training_state
 from utils.config import ConfigError, load_json
 from utils.logger import LOGGER, add_log_to_file
-from utils.misc import LOCK_NAME, lock_dir
+from utils.outputs import LOCK_NAME, OutputError, lock_dir, refuse_unwritable, write_json
 
 _RUN_FOLDERS = {"log", "ckpt", "results_test", LOCK_NAME}
 
@@ -47,8 +46,7 @@ def should_resume(output_dir, resume):
     """Whether to resume. A non-empty output_dir is refused unless resuming (nothing of a
     previous run is touched); one left by a run stopped before its first checkpoint starts
     afresh, with or without --resume."""
-    if exists(output_dir) and not os.path.isdir(output_dir):
-        raise ConfigError(f"output_dir {output_dir} exists and is not a directory")
+    refuse_unwritable("output_dir", output_dir, folder=True)
     if resume and latest_training_state(RunFolders(output_dir).ckpt) is not None:
         return True
     if not exists(output_dir) or _started_without_checkpoint(output_dir):
@@ -76,7 +74,7 @@ def decided_by_rank0(decide):
     if dist.is_main_process():
         try:
             outcome = ("ok", decide())
-        except (ConfigError, OSError) as e:
+        except (ConfigError, OutputError, OSError) as e:
             outcome = ("error", (str(e), getattr(e, "details", ())))
     kind, value = dist.all_gather_object(outcome)[0]
     if kind == "error":
@@ -93,13 +91,10 @@ def make_run_folders(output_dir, resumed, hps, model_config):
             os.makedirs(path, exist_ok=True)
         add_log_to_file(join(folders.log, "log.txt"))
         if not resumed:
-            with open(join(folders.log, "hps.json"), "w") as f:
-                json.dump(hps, f, indent=4)
-            with open(join(folders.log, "model.json"), "w") as f:
-                json.dump(load_json(model_config, "model config"), f, indent=4)
+            write_json(join(folders.log, "hps.json"), hps, indent=4)
+            write_json(join(folders.log, "model.json"), load_json(model_config, "model config"), indent=4)
     return folders
 
 
 def write_test_results(folders, step, log, counting):
-    with open(join(folders.results, f"results_{step}.json"), "w") as f:
-        json.dump({**log, "counting": counting}, f, indent=2)
+    write_json(join(folders.results, f"results_{step}.json"), {**log, "counting": counting}, indent=2)

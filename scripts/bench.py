@@ -24,7 +24,7 @@ evaluation projected to the release's test sets (scripts/bench_device.py). With
 CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates, the
 ratios to them and the differences of its scores and losses from this code's are added.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import itertools
 import json
@@ -50,6 +50,7 @@ from scripts.original_checkout import check_checkout
 from scripts.repo import child_env
 from scripts.timing import rate
 from scripts.utilisation import bench_utilisation
+from utils.outputs import write_json
 
 
 class PlainImages:
@@ -250,8 +251,7 @@ def main():
         results.update(bench_utilisation(device, base, opts.min_time, n=400, hard=31))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
-    with open(opts.output, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(opts.output, results, indent=2)
     for k, v in results.items():
         print(f"{k:45s} {v:.4g}" if isinstance(v, float) else f"{k:45s} {v}")
 

@@ -11,7 +11,7 @@ modules are imported unchanged from there; what it imports but no longer runs wi
 equivalents, written to a temporary folder. Only its CUDA-free parts are used: the text-
 and image-side hard-negative datasets and UniterForImageTextRetrievalHardNeg.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import importlib.util
 import json

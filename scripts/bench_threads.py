@@ -9,9 +9,8 @@ Runs alternate policy by policy (A B A B) so that drift of the machine falls on 
 them alike. The table printed at the end has one row per policy, one column per load:
 the mean wall time and, in brackets, its ratio to the same policy on the quiet machine.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ import time
 from os.path import abspath, dirname, exists, join
 
 from scripts.repo import ROOT, child_env
+from utils.outputs import write_json
 from utils.threads import available_cores, default_threads
 
 # name -> environment; every policy names the variables it relies on, so that none of them
@@ -120,8 +120,7 @@ def main():
               "seconds": {n: {str(k): v for k, v in t.items()} for n, t in times.items()},
               "table": table(times, opts.loads, opts.timeout)}
     os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
-    with open(opts.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(opts.output, result, indent=2)
     print(result["table"])
 
 

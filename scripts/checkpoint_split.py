@@ -6,15 +6,23 @@ from engine.checks import check_split, load_model
 from utils.config import add_box_args, make_parser
 
 
+SPLIT_FLAGS = ("--txt_db", "--img_db", "--checkpoint", "--model_config")
+
+
 def split_parser(description):
     """A parser with the flags naming a split and a model."""
     parser = make_parser(description)
-    for flag in ("--txt_db", "--img_db", "--checkpoint", "--model_config"):
+    for flag in SPLIT_FLAGS:
         parser.add_argument(flag, required=True)
     parser.add_argument("--allow_random_init", action="store_true",
                         help="accept a checkpoint that leaves part of the model at random initialisation")
     add_box_args(parser)
     return parser
+
+
+def split_inputs(opts):
+    """(flag, path) of the split and the model, for utils.outputs.refuse_overwriting_inputs."""
+    return [(flag, getattr(opts, flag[2:])) for flag in SPLIT_FLAGS]
 
 
 def open_split(opts):

@@ -20,7 +20,7 @@ score matrix, the queries (twin groups) within each resampled seed, the same que
 both arms (otherwise the seeds only), and the exact two-sided sign-flip p-value over seeds.
 Prints a Markdown table; --output PREFIX writes PREFIX.md, .tex, .csv and .json.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import os
 import re
 from dataclasses import dataclass

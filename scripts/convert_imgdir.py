@@ -8,7 +8,7 @@ nbb; arrays are stored as float16, cut to the boxes the setting keeps (all of th
 --keep_all). Unreadable files and unusable ones (no box, features not 2048-d, arrays of
 different lengths, non-finite values) are skipped and listed at the end.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import glob
 import multiprocessing as mp
 from functools import partial
@@ -18,9 +18,11 @@ import numpy as np
 from tqdm import tqdm
 
 from data import DataError, ImgDbWriter, compute_num_bb
+from data.img_db import writer_file_names
 from model import IMG_DIM
 from utils.cli import run
 from utils.config import POSITIVE, add_box_selection_args, make_parser
+from utils.outputs import refuse_overwriting_inputs, refuse_unwritable
 
 ARRAYS = ("features", "norm_bb", "conf", "soft_labels")
 
@@ -76,10 +78,19 @@ def build_parser():
     return p
 
 
+def check_output(opts, img_dir):
+    """Before any work: OUTPUT can be made and the img_db's files are none of the inputs."""
+    refuse_unwritable("--output", opts.output, folder=True)
+    names = writer_file_names(opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compress, opts.keep_all)
+    refuse_overwriting_inputs([("--output", join(opts.output, basename(img_dir), name), opts.output)
+                               for name in names if name], [("--img_dir", img_dir)])
+
+
 def main(opts):
     img_dir = opts.img_dir.rstrip("/")
     if not isdir(img_dir):
         raise DataError(f"--img_dir {img_dir} is not a directory")
+    check_output(opts, img_dir)
     files = sorted(glob.glob(join(img_dir, "*.npz")))
     if not files:
         raise DataError(f"no .npz files in {img_dir}")

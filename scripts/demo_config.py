@@ -4,6 +4,7 @@ import json
 from os.path import join
 
 from scripts.repo import ROOT
+from utils.outputs import write_json
 
 
 def write_train_config(output, path=None, **overrides):
@@ -20,6 +21,5 @@ def write_train_config(output, path=None, **overrides):
         return value
 
     config = {**{k: moved(v) for k, v in config.items()}, **overrides}
-    with open(path or join(output, "train-itm-demo.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    write_json(path or join(output, "train-itm-demo.json"), config, indent=2)
     return config

@@ -13,7 +13,7 @@ scripts/isd.py at the last layer. Writes OUTPUT/relations.json (every run, the m
 spread per variant, and paired bootstrap comparisons of IAIS against the fair baseline)
 and prints a table.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import json
 import os
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from scripts.repo import ROOT, child_env
+from utils.outputs import write_json
 from utils.retrieval_metrics import (group_indices, paired_p_value, percentile_interval,
                                      winoground_outcomes, winoground_summary)
 
@@ -143,8 +144,7 @@ def main():
     results["iais_vs_fair_baseline"] = {
         name: paired_bootstrap([outcomes[name, s] for s in opts.seeds], fair)
         for name in ("IAIS singular", "IAIS distributed", "baseline (original masks)")}
-    with open(join(opts.output, "relations.json"), "w") as f:
-        json.dump(results, f, indent=2, default=float)
+    write_json(join(opts.output, "relations.json"), results, indent=2, default=float)
     print(f"{'variant':28s} " + " ".join(f"{m:>12s}" for m in METRICS))
     for name, v in results["variants"].items():
         print(f"{name:28s} " + " ".join(f"{100 * v[m]['mean']:6.1f}±{50 * (v[m]['max'] - v[m]['min']):4.1f}"

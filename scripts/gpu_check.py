@@ -13,7 +13,7 @@ command of a few minutes. Everything goes to OUT/gpu_check.json and OUT/gpu_chec
 Without a GPU it takes the CPU branch: the same steps with the demo-size model, fewer
 steps and no CUDA tests to run (that is how its code path is tested).
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import datetime
 import importlib.util
@@ -28,6 +28,7 @@ import time
 from os.path import join
 
 from scripts.repo import ROOT, child_env
+from utils.outputs import write_json
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would fill the log; read when tqdm is imported
 # what the check imports, by module and pip name: a CUDA PyTorch image often lacks the first three
@@ -196,8 +197,7 @@ def main():
     log("demo: " + json.dumps(results["demo"]))
     results["targets"] = targets(results)
     results["total_s"] = time.time() - st
-    with open(join(opts.output, "gpu_check.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(join(opts.output, "gpu_check.json"), results, indent=2)
     log("targets: " + json.dumps(results["targets"]))
     log(f"GPU check finished in {results['total_s']:.0f} s: {join(opts.output, 'gpu_check.json')}")
     failed = results.get("cuda_tests", {}).get("exit_status", 0) not in (0, 5) or "error" in results["demo"]

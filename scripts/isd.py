@@ -11,17 +11,20 @@ phrase-to-box alignments in the style of Flickr30k Entities; word indices count 
 caption's WordPiece tokens from 0 (no [CLS]), box indices the image's regions in img_db
 order (see scripts/examples/isda_annotations.json).
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import json
 import os
 from os.path import join
 
 from data import DataError
 from model.iais import VARIANTS
-from scripts.checkpoint_split import open_split, split_parser
+from scripts.checkpoint_split import open_split, split_inputs, split_parser
 from utils.cli import run
 from utils.config import POSITIVE, ConfigError, load_json
 from model.isd import annotated_isd, layer_attention_blocks, pair_isd
+from utils.outputs import atomic_write, refuse_overwriting_inputs, refuse_unwritable, write_json
+
+WRITTEN = ("isd.json", "isd.png")
 
 
 def read_annotations(path):
@@ -60,7 +63,7 @@ def plot(isd, path, title):
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -72,7 +75,15 @@ def build_parser():
     return p
 
 
+def check_output(opts):
+    """Before any work: OUTPUT can be made and none of the files written there is an input."""
+    refuse_unwritable("--output", opts.output, folder=True)
+    refuse_overwriting_inputs([("--output", join(opts.output, name), opts.output) for name in WRITTEN],
+                              split_inputs(opts) + [("--annotations", opts.annotations)])
+
+
 def main(opts):
+    check_output(opts)
     dataset, model = open_split(opts)
     annotations = read_annotations(opts.annotations) if opts.annotations else {}
     n_layers = model.config.num_hidden_layers
@@ -99,8 +110,7 @@ def main(opts):
         result[f"layer_{layer}"] = entry
     result["mean"] = {v: sum(result[f"layer_{k}"][v] for k in range(n_layers)) / n_layers for v in VARIANTS}
     os.makedirs(opts.output, exist_ok=True)
-    with open(join(opts.output, "isd.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(join(opts.output, "isd.json"), result, indent=2)
     plot(result, join(opts.output, "isd.png"), os.path.basename(opts.checkpoint))
     print(json.dumps(result["mean"], indent=2))
 

@@ -17,8 +17,7 @@ paths under --output.
 
     python scripts/make_demo_data.py --output demo        # ~5 s on 2 cores
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
-import json
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import os
 import time
 from os.path import exists, join
@@ -29,6 +28,7 @@ from data import ImgDbWriter, write_txt_db
 from scripts.demo_config import write_train_config
 from utils.cli import run
 from utils.config import POSITIVE, ConfigError, Range, make_parser
+from utils.outputs import refuse_unwritable, write_json
 
 NOUNS = ["dog", "cat", "ball", "car", "tree", "chair", "cup", "bird", "book", "lamp", "horse",
          "boat", "hat", "shoe", "clock", "phone", "table", "bike", "kite", "bus", "apple", "bag",
@@ -139,6 +139,7 @@ class World:
 
 def build(output, n_train, n_val, n_test, seed, twins=1.0, nouns=8, background=0, conf_th=0.2, max_bb=100,
           min_bb=10):
+    refuse_unwritable("--output", output, folder=True)
     if exists(output) and os.listdir(output):
         raise ConfigError(f"{output} is not empty; remove it or choose another --output")
     world = World(seed, nouns, background)
@@ -168,11 +169,9 @@ def build(output, n_train, n_val, n_test, seed, twins=1.0, nouns=8, background=0
                            for c0, c1 in zip(caps_0, caps_1)]
         write_txt_db(join(output, "txt_db", f"itm_demo_{split}.db"), examples, META)
         for name, content in (("isda", annotations), ("groups", groups)):
-            with open(join(output, "annotations", f"{name}_{split}.json"), "w") as f:
-                json.dump(content, f)
+            write_json(join(output, "annotations", f"{name}_{split}.json"), content)
     img_writer.close()
-    with open(join(output, "vocab.json"), "w") as f:
-        json.dump(VOCAB, f, indent=0)
+    write_json(join(output, "vocab.json"), VOCAB, indent=0)
     write_train_config(output)
     return n_img
 

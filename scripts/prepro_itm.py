@@ -11,7 +11,7 @@ img_dbs: Flickr30k "flickr30k_{stem:012d}.npz" (1000092795.jpg -> flickr30k_0010
 COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change it with
 --img_fname (fields: stem, filename, filepath, cocoid, imgid, dataset).
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import os
 import re
 from os.path import exists, join
@@ -19,9 +19,11 @@ from os.path import exists, join
 from tqdm import tqdm
 
 from data import DataError, write_txt_db
+from data.txt_db import TXT_DB_FILES
 from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer
 from utils.cli import run
 from utils.config import ConfigError, load_json, make_parser
+from utils.outputs import refuse_overwriting_inputs, refuse_unwritable
 
 DEFAULT_FNAME = {"flickr30k": "flickr30k_{stem:012d}.npz", "coco": "coco_{filepath}_{cocoid:012d}.npz"}
 SPLITS = {"flickr30k": ("train", "val", "test"), "coco": ("train", "restval", "val", "test")}
@@ -74,16 +76,19 @@ def main(opts):
     for path in (opts.annotation, opts.vocab):
         if not exists(path):
             raise DataError(f"{path} not found")
-    tokenizer = load_tokenizer(opts)
+    refuse_unwritable("--output", opts.output, folder=True)
     ann, images = read_annotation(opts.annotation)
     dataset = opts.dataset or ann.get("dataset")
     if dataset not in SPLITS:
         raise ConfigError(f"unknown dataset {dataset!r} in {opts.annotation}; pass --dataset flickr30k or coco")
     template = opts.img_fname or DEFAULT_FNAME[dataset]
     db_dirs = {split: join(opts.output, f"itm_{dataset}_{split}.db") for split in SPLITS[dataset]}
+    refuse_overwriting_inputs([("--output", join(d, name), opts.output) for d in db_dirs.values()
+                               for name in TXT_DB_FILES], [("--annotation", opts.annotation), ("--vocab", opts.vocab)])
     taken = [d for d in db_dirs.values() if exists(join(d, "data.mdb"))]
     if taken:  # refused before any split is written, so no set of DBs is left half new
         raise DataError(f"{taken[0]} already holds an LMDB; remove it or choose another --output")
+    tokenizer = load_tokenizer(opts)
     meta = build_meta(tokenizer, opts.toker, opts.vocab)
 
     splits = {s: {} for s in SPLITS[dataset]}

@@ -12,15 +12,17 @@ needs the fields id, image_0, image_1, caption_0 and caption_1. An image's img_f
 scripts/convert_imgdir.py gives the BUTD features of images/ex_0_img_0.png saved as
 ex_0_img_0.npz.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import json
 import os
 from os.path import join
 
 from data import DataError, write_txt_db
+from data.txt_db import TXT_DB_FILES
 from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer
 from utils.cli import run
 from utils.config import ConfigError, make_parser
+from utils.outputs import refuse_overwriting_inputs, refuse_unwritable, write_json
 
 FIELDS = ("id", "image_0", "image_1", "caption_0", "caption_1")
 DB_NAME = "itm_winoground.db"
@@ -76,10 +78,19 @@ def captions_and_groups(examples, tokenizer, img_fname):
     return captions, groups
 
 
+def check_output(opts):
+    """Before any work: OUTPUT can be made and none of the files written there is an input."""
+    refuse_unwritable("--output", opts.output, folder=True)
+    written = [join(opts.output, DB_NAME, name) for name in TXT_DB_FILES] + [join(opts.output, GROUPS_NAME)]
+    refuse_overwriting_inputs([("--output", path, opts.output) for path in written],
+                              [("--examples", opts.examples), ("--vocab", opts.vocab)])
+
+
 def main(opts):
     for key in ("examples", "vocab", "output"):
         if not getattr(opts, key):
             raise ConfigError(f"--{key} is required")
+    check_output(opts)
     if not os.path.exists(opts.vocab):
         raise ConfigError(f"vocab file {opts.vocab} not found")
     try:
@@ -92,8 +103,7 @@ def main(opts):
     os.makedirs(opts.output, exist_ok=True)
     db_dir = join(opts.output, DB_NAME)
     write_txt_db(db_dir, captions, build_meta(tokenizer, opts.toker, opts.vocab))
-    with open(join(opts.output, GROUPS_NAME), "w", encoding="utf-8") as f:
-        json.dump(groups, f, indent=1)
+    write_json(join(opts.output, GROUPS_NAME), groups, indent=1)
     print(f"{db_dir}: {len(captions)} captions of {len({c['img_fname'] for c in captions.values()})} images; "
           f"{join(opts.output, GROUPS_NAME)}: {len(groups)} groups")
 

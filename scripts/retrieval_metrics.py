@@ -17,8 +17,9 @@ resampled queries; B = 1000 unless --bootstrap is given); 'winoground' (--groups
 image and group scores of Thrush et al. 2022 over a JSON list of
 {caption_0, caption_1, image_0, image_1} text and image ids, and their number n).
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
-import json
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import os
+from os.path import abspath, dirname
 
 import torch
 
@@ -26,6 +27,8 @@ from data import DataError
 from utils.checkpoint import load_checkpoint
 from utils.cli import run
 from utils.config import ConfigError, add_counting_arg, make_parser
+from utils.logger import setup_logging
+from utils.outputs import lock_output_file, refuse_overwriting_inputs, refuse_unwritable, write_json
 from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,
                                      fold_metrics, gt_image_index, metrics_from_ranks, paired_comparison,
                                      group_indices, query_hits, query_ranks, winoground_scores)
@@ -108,6 +111,17 @@ def check_options(opts):
             raise ConfigError(f"--{flag} must be 0 (off) or positive, got {getattr(opts, flag)}")
 
 
+def claim_output(opts):
+    """Before any work: OUTPUT can be written, is none of the inputs, and is this run's
+    for its life (a second run writing it is refused)."""
+    refuse_unwritable("--output", opts.output, folder=False)
+    refuse_overwriting_inputs([("--output", opts.output, opts.output)],
+                              [("the score file", opts.scores), ("--compare", opts.compare),
+                               ("--groups", opts.groups)])
+    os.makedirs(dirname(abspath(opts.output)), exist_ok=True)
+    lock_output_file(opts.output, "--output")
+
+
 def compute(opts):
     """The metrics dict that OUTPUT holds."""
     scores, txt_ids, img_ids, gt_img = load_score_file(opts.scores)
@@ -168,10 +182,11 @@ def format_report(opts, result):
 
 
 def main(opts):
+    setup_logging(True)
     check_options(opts)
+    claim_output(opts)
     result = compute(opts)
-    with open(opts.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(opts.output, result, indent=2)
     print(format_report(opts, result))
 
 

@@ -10,13 +10,17 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-import utils.threads  # noqa: F401  (first: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import os
+from os.path import abspath, dirname, splitext
+
 from data import DataError
 from model.iais import distributed_pseudo, singular_pseudo
-from scripts.checkpoint_split import open_split, split_parser
+from scripts.checkpoint_split import open_split, split_inputs, split_parser
 from utils.cli import run
 from utils.config import ConfigError, load_json
 from model.isd import layer_attention_blocks
+from utils.outputs import atomic_write, refuse_overwriting_inputs, refuse_unwritable
 
 
 def token_names(ids, vocab_path):
@@ -42,7 +46,20 @@ def build_parser():
     return p
 
 
+def check_output(opts):
+    """Before any work: OUTPUT can be written and is none of the inputs."""
+    refuse_unwritable("--output", opts.output, folder=False)
+    refuse_overwriting_inputs([("--output", opts.output, opts.output)], split_inputs(opts) + [("--vocab", opts.vocab)])
+
+
+def save_figure(fig, path):
+    """The figure in the format its file name says (PNG without one), written atomically."""
+    os.makedirs(dirname(abspath(path)), exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format=splitext(path)[1][1:] or "png", dpi=90))
+
+
 def main(opts):
+    check_output(opts)
     dataset, model = open_split(opts)
     if opts.txt_id not in dataset.ids:
         raise DataError(f"--txt_id {opts.txt_id} is not a text id of {opts.txt_db}")
@@ -72,7 +89,7 @@ def main(opts):
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{opts.txt_id}: {' '.join(words)} (layer {opts.layer % model.config.num_hidden_layers})")
     fig.tight_layout()
-    fig.savefig(opts.output, dpi=90)
+    save_figure(fig, opts.output)
     print(f"wrote {opts.output}")
 
 

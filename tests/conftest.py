@@ -3,7 +3,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import utils.threads  # noqa: E402,F401  (before torch: OpenMP reads its wait policy when torch loads it)
+import utils.threads  # noqa: E402,F401  (before torch: sets the OpenMP thread count before torch loads OpenMP)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

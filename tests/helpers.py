@@ -1,5 +1,6 @@
 """Running the entry points the way a user does, and the fixture DBs as the original reads them."""
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -7,10 +8,12 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, ROOT, TINY_CONFIG, TXT_DB, load_fixture
 from scripts.repo import child_env
+from utils.outputs import release_locks
 
 PY = sys.executable
 BIN = os.path.dirname(PY)
@@ -107,3 +110,30 @@ def same_batch(a, b):
 def clone_batch(batch):
     """A copy of a batch whose tensors own their memory (a loader may reuse the originals')."""
     return {k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def end_of_process():
+    """What the end of an entry point's process does: its output locks are released."""
+    release_locks()
+
+
+def entry(module, argv, monkeypatch, capsys):
+    """(exit status, stderr) of an entry point run in this process with ``argv``, under the
+    same wrapper as on the command line."""
+    from utils import cli  # imports the model: only the tests that run an entry point pay for it
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(sys, "argv", [f"{module.rsplit('.', 1)[-1]}.py"] + [str(a) for a in argv])
+    with pytest.raises(SystemExit) as exited:
+        cli.run(mod.main, mod.build_parser(), getattr(mod, "CONFIG_ONLY_KEYS", {}))
+    end_of_process()
+    return exited.value.code, capsys.readouterr().err
+
+
+def assert_one_line(code, err, *needles):
+    """Exit status 2, no traceback and one error line on stderr holding every needle."""
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, err[-2000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import run, tiny_train_config
+from helpers import assert_one_line, end_of_process, entry, run, tiny_train_config
 from utils import cli
 
 REF_MODEL = os.path.join(FIXTURES, "ref_model.pt")
@@ -32,33 +32,7 @@ def _release_what_a_run_holds():
     for handler in [h for h in root.handlers if h not in before]:
         root.removeHandler(handler)
         handler.close()
-    _end_of_process()
-
-
-def _end_of_process():
-    """What the end of an entry point's process does: its output_dir locks are released."""
-    from utils import misc
-    while misc._held_locks:
-        misc._held_locks.pop().close()
-
-
-def entry(module, argv, monkeypatch, capsys):
-    """(exit status, stderr) of an entry point run with ``argv``."""
-    mod = importlib.import_module(module)
-    monkeypatch.setattr(sys, "argv", [f"{module.rsplit('.', 1)[-1]}.py"] + [str(a) for a in argv])
-    with pytest.raises(SystemExit) as exited:
-        cli.run(mod.main, mod.build_parser(), getattr(mod, "CONFIG_ONLY_KEYS", {}))
-    _end_of_process()
-    return exited.value.code, capsys.readouterr().err
-
-
-def assert_one_line(code, err, *needles):
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, err[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
+    end_of_process()
 
 
 # ----------------------------------------------------------------------------- data builders
@@ -232,7 +206,19 @@ INF_CASES = [
      ["hps.json must be a JSON object"]),
     ("train config with a bad box setting", lambda t: {"--train_config": _write(t / "hps.json", '{"max_bb": "x"}')},
      ["hps.json: max_bb must be an integer"]),
+    ("output_dir under a file", lambda t: {"--output_dir": str(t / "notes.pt" / "out")},
+     ["--output_dir", "lies under", "notes.pt, which is a file, not a folder"]),
+    ("output_dir a file", lambda t: {"--output_dir": str(t / "notes.pt")}, ["notes.pt exists and is not a folder"]),
+    ("train config where config.json goes", lambda t: {"--train_config": _in_out(t, "config.json", "{}"),
+                                                       "--overwrite": None},
+     ["--output_dir", "would write", "config.json, which is the same file as --train_config"]),
 ]
+
+
+def _in_out(tmp_path, name, text):
+    """A file the user keeps in --output_dir under a name that inf_itm.py writes."""
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return _write(tmp_path / "out" / name, text)
 
 
 def _smaller_table(tmp_path, table, key, rows):
@@ -445,7 +431,7 @@ def test_resume_with_a_state_of_another_optimiser(tmp_path, monkeypatch, capsys)
     mod = importlib.import_module("train_itm_hard_negatives")
     monkeypatch.setattr(sys, "argv", ["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(out)])
     cli.run(mod.main, mod.build_parser(), mod.CONFIG_ONLY_KEYS)
-    _end_of_process()
+    end_of_process()
     state = out / "ckpt" / "train_state_2.pt"
     before = state.read_bytes()
     hps = (out / "log" / "hps.json").read_bytes()
@@ -631,6 +617,12 @@ SCRIPT_CASES = [
     ("make_demo_data", lambda t: ["--output", str(t / "d"), "--twins", "1.5"], ["--twins must be in [0, 1]"]),
     ("make_demo_data", lambda t: ["--output", str(t / "d"), "--n_val", "0"], ["--n_val must be >= 1"]),
     ("make_demo_data", lambda t: ["--output", str(t / "d"), "--seed", "-2"], ["--seed must be in [0, 4294967295]"]),
+    ("make_demo_data", lambda t: ["--output", _write(t / "d", "notes")], ["--output", "d exists and is not a folder"]),
+    ("visualize_attention", lambda t: _split_argv(t) + ["--txt_id", "test_flickr30k_000000000000_0", "--vocab",
+                                                        _write(t / "v.json", "{}"), "--output", str(t / "v.json")],
+     ["--output", "v.json is the same file as --vocab"]),
+    ("isd", lambda t: _split_argv(t) + ["--output", str(t / "only_bad" / "bad.npz")],
+     ["--output", "bad.npz exists and is not a folder"]),
 ]
 
 _KARPATHY = json.dumps({"dataset": "flickr30k", "images": [

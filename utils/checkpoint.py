@@ -1,14 +1,14 @@
 """Checkpoint files: atomic writes, pickle-free loads, model weights and where the newest
 training state of a run is."""
-import errno
 import os
 import pickle
-import shutil
 import re
 import zipfile
-from os.path import dirname, exists, join
+from os.path import exists, join
 
 import torch
+
+from .outputs import atomic_write, first_line
 
 
 class CheckpointError(ValueError):
@@ -16,49 +16,9 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj, path):
-    """torch.save through a temporary file, fsync and rename: the file at ``path`` is
-    either the previous complete one or the new complete one, never a partial write."""
-    directory = dirname(path) or "."
-    tmp = join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        if exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, (OSError, RuntimeError)):
-            kept = "; the previous file there is intact" if exists(path) else "; nothing was written there"
-            raise CheckpointError(f"could not write {path}: {_write_failure(e, directory)}{kept}") from None
-        raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_failure(error, directory):
-    """Why a write failed, in the user's terms: torch.save's serializer reports a full disk
-    as 'file write failed' without the system's reason, so the free space is looked at."""
-    if getattr(error, "errno", None) == errno.ENOSPC or (
-            isinstance(error, RuntimeError) and "write failed" in str(error)
-            and shutil.disk_usage(directory).free < _LOW_SPACE):
-        return f"no space left on the device holding {directory}; free some space and run again"
-    if isinstance(error, OSError) and error.strerror:
-        return f"{error.strerror} ({directory})"
-    return first_line(error)
-
-
-_LOW_SPACE = 64 << 20
-
-
-def first_line(error):
-    """The first line of an error's message (its type when it has none), at most 160 characters."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:160]
+    """torch.save through utils.outputs.atomic_write: the file at ``path`` is either the
+    previous complete one or the new complete one, never a partial write."""
+    atomic_write(path, lambda f: torch.save(obj, f), error=CheckpointError)
 
 
 def _looks_like_torch_save(path):

@@ -6,13 +6,15 @@ from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_with_config
 from .errors import CheckpointMismatchError, DataError
+from .outputs import OutputError
 
 
 class TrainingError(RuntimeError):
     """A run that cannot go on (e.g. gradients non-finite for too long)."""
 
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError, OSError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError, OutputError,
+               OSError)
 
 
 def one_line(error):

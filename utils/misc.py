@@ -1,16 +1,9 @@
-import fcntl
-import os
 import random
-import socket
 
 import numpy as np
 import torch
 
-from .config import ConfigError
 from .logger import LOGGER
-
-LOCK_NAME = ".lock"
-_held_locks = []  # open lock files: a lock lasts as long as its file stays open
 
 
 def set_random_seed(seed):
@@ -48,22 +41,3 @@ def set_rng_state(state):
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
-
-def lock_dir(directory):
-    """Hold an exclusive lock on ``directory/.lock`` until this process ends (the system
-    releases it however the process ends, so a lock file left by a crash is stale and
-    simply taken over). A second process asking for it is refused with the holder's id."""
-    f = open(os.path.join(directory, LOCK_NAME), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"output_dir {directory} is in use by another run ({holder}); wait for it to end "
-                          f"or choose another output_dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    _held_locks.append(f)

@@ -4,6 +4,8 @@ import sys
 import tarfile
 import zipfile
 
+from utils.outputs import write_text
+
 from . import DownloadError
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
@@ -35,8 +37,7 @@ def fetch_archive(fetcher, urls, dest, advice):
         raise DownloadError(f"cannot extract {dest} into {folder}: {e}") from None
     for path in extracted:
         fetcher.record(path)
-    with open(marker, "w") as f:
-        f.writelines(os.path.relpath(path, fetcher.storage) + "\n" for path in extracted)
+    write_text(marker, "".join(os.path.relpath(path, fetcher.storage) + "\n" for path in extracted))
     os.remove(dest)
 
 
