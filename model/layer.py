@@ -26,9 +26,6 @@ class BertSelfAttention(nn.Module):
 
     def __init__(self, config, fused_attention=True):
         super().__init__()
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of "
-                             f"num_attention_heads {config.num_attention_heads}")
         self.num_attention_heads = config.num_attention_heads
         self.attention_head_size = config.hidden_size // config.num_attention_heads
         self.all_head_size = config.hidden_size
@@ -92,8 +89,6 @@ class BertIntermediate(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        if config.hidden_act not in ACT2FN:
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not one of {sorted(ACT2FN)}")
         self.intermediate_act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_states):

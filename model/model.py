@@ -2,53 +2,72 @@
 import copy
 import json
 import logging
+import math
 
 import torch
 from torch import nn
 
-from utils.errors import CheckpointMismatchError
+from utils.config import ConfigError
+from utils.errors import CheckpointMismatchError, load_json
 
 from .alignment import AttentionView, encoder_layers
-from .layer import BertLayer, BertPooler, additive_mask
+from .layer import ACT2FN, BertLayer, BertPooler, additive_mask
 
 logger = logging.getLogger(__name__)
 
 
-class UniterConfig:
-    """Model hyper-parameters, read from a JSON file such as config/uniter-base.json."""
+_MODEL_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "type_vocab_size")
+_MODEL_PROBS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 
-    def __init__(self, vocab_size_or_config_json_file, hidden_size=768, num_hidden_layers=12,
-                 num_attention_heads=12, intermediate_size=3072, hidden_act="gelu",
-                 hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
-                 max_position_embeddings=512, type_vocab_size=2, initializer_range=0.02):
-        if isinstance(vocab_size_or_config_json_file, str):
-            with open(vocab_size_or_config_json_file, encoding="utf-8") as f:
-                self.__dict__.update(json.load(f))
-        elif isinstance(vocab_size_or_config_json_file, int):
-            self.vocab_size = vocab_size_or_config_json_file
-            self.hidden_size = hidden_size
-            self.num_hidden_layers = num_hidden_layers
-            self.num_attention_heads = num_attention_heads
-            self.hidden_act = hidden_act
-            self.intermediate_size = intermediate_size
-            self.hidden_dropout_prob = hidden_dropout_prob
-            self.attention_probs_dropout_prob = attention_probs_dropout_prob
-            self.max_position_embeddings = max_position_embeddings
-            self.type_vocab_size = type_vocab_size
-            self.initializer_range = initializer_range
-        else:
-            raise ValueError("UniterConfig takes a vocabulary size (int) or a JSON config path (str)")
+
+class UniterConfig:
+    """Model hyper-parameters, as a JSON file such as config/uniter-base.json holds them.
+    Every key the model reads is checked here, once: a missing or wrong one is a
+    ConfigError naming the source and the key."""
+    DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+                "hidden_act": "gelu", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+                "max_position_embeddings": 512, "type_vocab_size": 2, "initializer_range": 0.02}
+
+    def __init__(self, vocab_size, **values):
+        """``vocab_size`` and any of :data:`DEFAULTS` (the rest keep their defaults)."""
+        self.__dict__.update({**self.DEFAULTS, "vocab_size": vocab_size, **values})
+        self.check("UniterConfig")
+
+    def check(self, source):
+        values = self.__dict__
+
+        def fail(key, expected):
+            got = json.dumps(values[key]) if key in values else "nothing"
+            raise ConfigError(f"{source}: {key} must be {expected}, got {got}")
+
+        for key in _MODEL_INTS:
+            value = values.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                fail(key, "a positive integer")
+        for key in _MODEL_PROBS + ("initializer_range",):
+            value = values.get(key)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < 0 or (key in _MODEL_PROBS and value >= 1)):
+                fail(key, "a number in [0, 1)" if key in _MODEL_PROBS else "a non-negative number")
+        if values.get("hidden_act") not in ACT2FN:
+            fail("hidden_act", f"one of {', '.join(sorted(ACT2FN))}")
+        if values["hidden_size"] % values["num_attention_heads"]:
+            fail("hidden_size", f"a multiple of num_attention_heads ({values['num_attention_heads']})")
 
     @classmethod
-    def from_dict(cls, json_object):
-        config = cls(-1)
-        config.__dict__.update(json_object)
+    def from_dict(cls, values, source="model config"):
+        """The config of a JSON object ``values`` (checked; ``source`` names it in errors)."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source} must be a JSON object, got {type(values).__name__}")
+        config = cls.__new__(cls)
+        config.__dict__.update(values)
+        config.check(source)
         return config
 
     @classmethod
     def from_json_file(cls, json_file):
-        with open(json_file, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        return cls.from_dict(load_json(json_file, "model config", ConfigError), f"model config {json_file}")
 
     def to_dict(self):
         return copy.deepcopy(self.__dict__)
@@ -80,7 +99,7 @@ def normalise_checkpoint_keys(state_dict):
 class UniterPreTrainedModel(nn.Module):
     """Weight initialisation and checkpoint loading shared by the UNITER models."""
 
-    def __init__(self, config, *inputs, **kwargs):
+    def __init__(self, config):
         super().__init__()
         if not isinstance(config, UniterConfig):
             raise ValueError(f"{type(self).__name__} needs a UniterConfig, got {type(config).__name__}")
