@@ -12,6 +12,7 @@ the mean wall time and, in brackets, its ratio to the same policy on the quiet m
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,6 +113,8 @@ def main():
                    help=f"policies to measure (default all: {', '.join(POLICIES)})")
     p.add_argument("--timeout", type=float, default=400.0, help="seconds after which a run counts as collapsed")
     opts = p.parse_args()
+    # a stopped measurement still ends its busy processes (the finally of measure)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = abspath(opts.work or tempfile.mkdtemp(prefix="iais_threads_"))
     os.makedirs(join(work, "runs"), exist_ok=True)
     config = demo_config(work)
