@@ -142,7 +142,7 @@ def main(opts):
     if opts.train_config is not None:
         take_settings(build_parser(), opts, opts.train_config, ("conf_th", "max_bb", "min_bb", "num_bb"))
     amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)
-    decided_by_rank0(lambda: prepare_shards(opts.output_dir, manifest(opts, dist.get_world_size()),
+    decided_by_rank0(lambda: prepare_shards(opts.output_dir, manifest(opts, dist.get_world_size(), device, amp_dtype),
                                             opts.resume, opts.overwrite))
 
     img_db = open_img_db(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,

@@ -68,12 +68,15 @@ def file_identity(path):
     return {"path": realpath(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_first_mib": head}
 
 
-def manifest(opts, world_size):
-    """The settings an evaluation's scores depend on (paths resolved)."""
+def manifest(opts, world_size, device, amp_dtype):
+    """The settings an evaluation's scores depend on (paths resolved): inf_itm.py's options
+    SCORE_SETTINGS, the checkpoint file, the model config's contents, the number of
+    processes, the kind of device and the dtype the flags resolve to there."""
     settings = {key: getattr(opts, key) for key in SCORE_SETTINGS}
     settings["txt_db"], settings["img_db"] = realpath(opts.txt_db), realpath(opts.img_db)
     return {"checkpoint": file_identity(opts.checkpoint),
-            "model_config": load_json(opts.model_config, "model config"), **settings, "world_size": world_size}
+            "model_config": load_json(opts.model_config, "model config"), **settings, "world_size": world_size,
+            "device": device.type, "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"}
 
 
 def _flat(record, prefix=""):

@@ -96,9 +96,11 @@ def copy_of(stopped, tmp_path):
     return shutil.copytree(stopped, tmp_path / "out")
 
 
-def test_killed_then_resumed_gives_the_uninterrupted_scores(stopped, tmp_path, uninterrupted):
+@pytest.mark.parametrize("workers", [[], ["--n_workers", "2", "--worker_type", "thread"]], ids=["in-loop", "threads"])
+def test_killed_then_resumed_gives_the_uninterrupted_scores(stopped, tmp_path, uninterrupted, workers):
+    """The data loader's workers build batches, not scores: they may change on --resume."""
     out = copy_of(stopped, tmp_path)
-    res = run(inf_args(out) + SHARD + ["--resume"])
+    res = run(inf_args(out) + SHARD + ["--resume"] + workers)
     assert res.returncode == 0, res.stderr
     assert "1 shard file(s)" in res.stderr and "scored again" not in res.stderr
     assert f"{7 * 12}/{N_CAPTIONS * 12}" in res.stderr.replace(".0/", "/")  # the bar starts after the shard
@@ -122,15 +124,29 @@ def test_two_processes_killed_then_resumed(tmp_path, uninterrupted):
     assert torch.equal(results(tmp_path / "whole")[0]["scores"], matrix["scores"])
 
 
-@pytest.mark.parametrize("change, lines", [
-    (["--batch_size", "4"], ["batch_size: 8 -> 4"]),
-    (["--checkpoint", os.path.join(FIXTURES, "ref_pretrain.pt")], ["checkpoint.path: ", "checkpoint.size: "]),
-    (["--shard_texts", "5"], ["shard_texts: 7 -> 5"]),
-], ids=["batch_size", "checkpoint", "shard_texts"])
-def test_resume_with_another_setting_is_refused(stopped, tmp_path, change, lines):
+def first_error(stderr):
+    """The first error line of ``stderr`` and the indented lines that follow it."""
+    lines = stderr.splitlines()
+    start = next(i for i, line in enumerate(lines) if ": error: " in line)
+    end = start + 1
+    while end < len(lines) and lines[end].startswith("  ") and not lines[end].startswith("  File "):
+        end += 1
+    return "\n".join(lines[start:end]) + "\n"
+
+
+@pytest.mark.parametrize("change, lines, launcher", [
+    (["--batch_size", "4"], ["batch_size: 8 -> 4"], None),
+    (["--checkpoint", os.path.join(FIXTURES, "ref_pretrain.pt")], ["checkpoint.path: ", "checkpoint.size: "], None),
+    (["--shard_texts", "5"], ["shard_texts: 7 -> 5"], None),
+    (["--amp_dtype", "bf16"], ["amp_dtype: null -> \"bf16\"", "precision: \"float32\" -> \"bfloat16\""], None),
+    ([], ["world_size: 1 -> 2"], "torchrun"),
+], ids=["batch_size", "checkpoint", "shard_texts", "precision", "world_size"])
+def test_resume_with_another_setting_is_refused(stopped, tmp_path, change, lines, launcher):
     out = copy_of(stopped, tmp_path)
     before = snapshot(out)
-    res = run(inf_args(out) + SHARD + ["--resume"] + change)
+    res = run(inf_args(out) + SHARD + ["--resume"] + change, launcher=launcher)
+    if launcher:  # every rank stops with the same error: keep the first one's lines
+        res.stderr, res.returncode = first_error(res.stderr), 2 if res.returncode else 0
     assert_one_line(res.returncode, res.stderr, "--resume: these settings differ", "manifest.json")
     details = [line.strip() for line in res.stderr.splitlines() if line.startswith("  ")]
     for needle in lines:
