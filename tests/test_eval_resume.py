@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, TINY_CONFIG
 from helpers import assert_one_line, launch_cmd, run
 from scripts.repo import child_env
 from test_inference import inf_args
@@ -199,3 +199,19 @@ def test_blocks_and_changes():
     new = {"batch_size": 4, "checkpoint": {"size": 1}, "IAIS": "singular", "world_size": 2}
     assert manifest_changes(old, new) == ['IAIS: false -> "singular"', "batch_size: 8 -> 4",
                                           "world_size: (none) -> 2"]
+
+
+def test_gather_scores_of_training_gives_the_same_matrix(uninterrupted, txt_db, img_db):
+    """The validation pass of training (gather_scores, no shards) scores as inf_itm.py does."""
+    from data import ItmEvalDataset, itm_eval_collate, prefetch_loader
+    from engine.checks import load_model
+    from engine.evaluation import gather_scores
+    from model import IMG_DIM, UniterForImageTextRetrieval
+    model, _ = load_model(UniterForImageTextRetrieval, TINY_CONFIG, os.path.join(FIXTURES, "ref_model.pt"),
+                          img_dim=IMG_DIM, pairs_num=1)
+    dataset = ItmEvalDataset(txt_db, img_db, 8)
+    loader = prefetch_loader(dataset, itm_eval_collate, 0, False, "thread", "cpu")
+    scores, txt_ids, img_ids = gather_scores(model, loader)
+    ref = uninterrupted[0]
+    assert txt_ids == ref["txt_ids"] and img_ids == ref["img_ids"]
+    torch.testing.assert_close(scores, ref["scores"], rtol=0, atol=1e-6)
