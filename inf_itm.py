@@ -11,6 +11,10 @@ output_dir/score_matrix.pt ({'scores': [texts x images] float32, 'txt_ids', 'img
 scripts/retrieval_metrics.py), output_dir/config.json and, with --dump_topk K,
 output_dir/topk.jsonl (each query's K best candidates and the rank of its true match). A
 checkpoint without ``rank_output`` (a pre-trained UNITER) is evaluated zero-shot from its ITM head.
+
+The scores are written as they complete, --shard_texts captions a file, to output_dir/shards/
+(engine/eval_shards.py), removed once score_matrix.pt is written: an evaluation stopped on the
+way continues with --resume (the same settings), scoring only the captions no shard holds.
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import json
@@ -18,7 +22,9 @@ import os
 from os.path import join
 
 from data import WORKER_TYPES, ItmEvalDataset, TxtTokLmdb, itm_eval_collate, open_img_db, prefetch_loader
-from engine.evaluation import gather_scores, itm_eval
+from engine.eval_shards import (MANIFEST, SHARDS, ShardedRows, finish_shards, manifest, prepare_shards,
+                                refuse_unfinished, shard_dir, sharded_scores)
+from engine.evaluation import gather_rows, itm_eval
 from engine.output_dir import decided_by_rank0
 from model import IMG_DIM, UniterForImageTextRetrieval
 from utils import distributed as dist
@@ -33,7 +39,7 @@ from utils.precision import autocast, resolve_amp
 from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, topk_records
 
 RESULTS = ("scores.json", "score_matrix.pt", "topk.jsonl")  # an earlier evaluation's, kept unless --overwrite
-WRITTEN = ("config.json",) + RESULTS
+WRITTEN = ("config.json", join(SHARDS, MANIFEST)) + RESULTS
 INPUTS = ("checkpoint", "model_config", "train_config", "txt_db", "img_db")
 
 
@@ -62,7 +68,12 @@ def build_parser():
     a("--allow_random_init", action="store_true",
       help="evaluate even when the checkpoint leaves part of the model at random initialisation")
     a("--allow_nonfinite_scores", action="store_true", help="write the recall even when some scores are not finite")
-    a("--overwrite", action="store_true", help="replace the results of an earlier evaluation in output_dir")
+    a("--overwrite", action="store_true",
+      help="replace the results of an earlier evaluation in output_dir (or its unfinished shards)")
+    a("--resume", action="store_true",
+      help="continue an unfinished evaluation in output_dir from its shards (same settings)")
+    a("--shard_texts", type=int, default=500, valid=POSITIVE,
+      help="captions per shard file of output_dir/shards (500: about a minute of MS COCO 5K on one H100)")
     return p
 
 
@@ -94,6 +105,7 @@ def check_output_dir(opts):
     refuse_overwriting_inputs([("--output_dir", join(opts.output_dir, name), opts.output_dir) for name in WRITTEN],
                               [(f"--{key}", getattr(opts, key)) for key in INPUTS])
     refuse_earlier_results(opts.output_dir, RESULTS, opts.overwrite)
+    refuse_unfinished(opts.output_dir, opts.resume, opts.overwrite)
 
 
 def claim_output_dir(opts):
@@ -102,6 +114,21 @@ def claim_output_dir(opts):
     os.makedirs(opts.output_dir, exist_ok=True)
     lock_dir(opts.output_dir, "--output_dir")
     refuse_earlier_results(opts.output_dir, RESULTS, opts.overwrite)
+
+
+def score_matrix(opts, model, dataset, device, amp_dtype):
+    """(this process's shards, the score matrix over all processes, text ids, image ids):
+    the captions of complete shards read, the others scored a shard at a time."""
+    shards = ShardedRows(shard_dir(opts.output_dir), dataset, dist.get_rank(), dist.get_world_size(),
+                         opts.shard_texts)
+    os.makedirs(shards.folder, exist_ok=True)  # on each node, where output_dir is not shared
+
+    def open_loader(indices):
+        return prefetch_loader(dataset, itm_eval_collate, opts.n_workers, opts.pin_mem, opts.worker_type, device,
+                               keys=indices)
+    with autocast(device, amp_dtype):
+        rows = sharded_scores(model, shards, open_loader, dist.is_main_process())
+    return (shards,) + gather_rows(rows, dataset)
 
 
 def main(opts):
@@ -115,6 +142,8 @@ def main(opts):
     if opts.train_config is not None:
         take_settings(build_parser(), opts, opts.train_config, ("conf_th", "max_bb", "min_bb", "num_bb"))
     amp_dtype, _ = resolve_amp(opts.fp16, opts.amp_dtype, device)
+    decided_by_rank0(lambda: prepare_shards(opts.output_dir, manifest(opts, dist.get_world_size(), device, amp_dtype),
+                                            opts.resume, opts.overwrite))
 
     img_db = open_img_db(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb,
                          opts.compressed_db)
@@ -130,14 +159,12 @@ def main(opts):
         model.init_output()
     model.to(device).eval()
 
-    loader = prefetch_loader(dataset, itm_eval_collate, opts.n_workers, opts.pin_mem, opts.worker_type, device)
-    with autocast(device, amp_dtype):
-        scores, txt_ids, img_ids = gather_scores(model, loader)
+    shards, scores, txt_ids, img_ids = score_matrix(opts, model, dataset, device, amp_dtype)
     check_scores_finite(scores, txt_ids, img_ids, opts.allow_nonfinite_scores)
     if dist.is_main_process():
         write_results(opts.output_dir, vars(opts), scores, txt_ids, img_ids, txt_db.txt2img,
                       opts.original_counting, opts.dump_topk)
-    dist.barrier()
+    finish_shards(shards)
     dist.shutdown()
 
 

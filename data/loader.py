@@ -133,9 +133,10 @@ class PrefetchLoader:
         return getattr(self.loader, name)
 
 
-def prefetch_loader(dataset, collate_fn, n_workers, pin_memory, worker_type, device):
-    """One pass over ``dataset`` as :func:`make_loader` builds it, each batch on ``device``."""
-    return PrefetchLoader(make_loader(dataset, collate_fn, n_workers, pin_memory, worker_type), device)
+def prefetch_loader(dataset, collate_fn, n_workers, pin_memory, worker_type, device, keys=None):
+    """One pass over ``dataset`` (its items ``keys``, default all) as :func:`make_loader`
+    builds it, each batch on ``device``."""
+    return PrefetchLoader(make_loader(dataset, collate_fn, n_workers, pin_memory, worker_type, keys), device)
 
 
 class _EpochSampler(torch.utils.data.Sampler):

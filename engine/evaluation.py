@@ -25,33 +25,45 @@ def itm_eval(score_matrix, txt_ids, img_ids, txt2img, img2txts=None, original_co
     return recall_means(retrieval_metrics(score_matrix.cpu(), gt_img, original_counting))
 
 
+def scored_rows(model, eval_loader, n_img):
+    """Each item's scores against every image, [n_img] float32, one caption at a time."""
+    with scoring_mode(model):
+        for mini_batches in eval_loader:
+            row, j = torch.empty(n_img), 0
+            for batch in mini_batches:
+                s = model(batch, compute_loss=False)[0].squeeze(1).float().cpu()
+                row[j:j + s.numel()] = s
+                j += s.numel()
+            assert j == n_img
+            yield row
+
+
 def inference(model, eval_loader):
     """Scores of this process's texts against every image: [n_txt, n_img] float32."""
     dset = eval_loader.dataset
     scores = torch.zeros(len(dset), len(dset.all_img_ids))
-    with scoring_mode(model):
-        for i, mini_batches in enumerate(tqdm(eval_loader, desc="evaluation", disable=not is_main_process())):
-            j = 0
-            for batch in mini_batches:
-                s = model(batch, compute_loss=False)[0].squeeze(1).float().cpu()
-                scores[i, j:j + s.numel()] = s
-                j += s.numel()
-            assert j == scores.size(1)
+    rows = scored_rows(model, eval_loader, scores.size(1))
+    for i, row in enumerate(tqdm(rows, desc="evaluation", total=len(dset), disable=not is_main_process())):
+        scores[i] = row
     return scores
 
 
-@torch.no_grad()
-def gather_scores(model, eval_loader):
-    """(score matrix, text ids, image ids) over all processes. Rows follow the split's own
-    text order whatever the number of processes, so results do not depend on it."""
-    scores = inference(model, eval_loader)
-    dset = eval_loader.dataset
+def gather_rows(scores, dset):
+    """(score matrix, text ids, image ids) over all processes from each one's rows
+    ``scores`` of its dataset ``dset``, in the split's own text order whatever the number
+    of processes, so that results do not depend on it."""
     all_scores = all_gather_rows(scores)
     txt_ids = [i for ids in all_gather_object(dset.ids) for i in ids]
     assert all_scores.shape == (len(txt_ids), len(dset.all_img_ids))
     position = {t: k for k, t in enumerate(dset.txt_db.id2len)}
     order = sorted(range(len(txt_ids)), key=lambda r: position[txt_ids[r]])
     return all_scores[order], [txt_ids[r] for r in order], list(dset.all_img_ids)
+
+
+@torch.no_grad()
+def gather_scores(model, eval_loader):
+    """(score matrix, text ids, image ids) over all processes (see :func:`gather_rows`)."""
+    return gather_rows(inference(model, eval_loader), eval_loader.dataset)
 
 
 @torch.no_grad()
