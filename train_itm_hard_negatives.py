@@ -22,6 +22,7 @@ from data.groups import read_image_groups
 from engine.checkpointing import TrainingState, resume
 from engine.evaluation import evaluate, validation_scalars
 from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume, write_test_results
+from engine.run_info import launch_record, now, record_launch
 from engine.run_settings import check_resume, record_changes, run_record
 from engine.train_step import TrainStep
 from engine.training import train
@@ -202,8 +203,10 @@ def log_start(opts, model, dsets, objectives):
 
 def main(opts):
     check_options(opts)
+    started = now()
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
+    launch = launch_record(device, started)
     opts.resume = decided_by_rank0(lambda: should_resume(opts.output_dir, opts.resume))
     hps = run_record(vars(opts), dist.get_world_size())
     # a resumed run is the same run: changed settings are refused before any work, unless accepted
@@ -221,6 +224,8 @@ def main(opts):
     check_splits(dsets, model.config)
     opts.resume = decided_by_rank0(lambda: claim(opts.output_dir, opts.resume))
     folders = make_run_folders(opts.output_dir, opts.resume, hps, opts.model_config)
+    if dist.is_main_process():
+        record_launch(folders.log, launch, opts.resume)
     tb = TensorBoardLogger(folders.log if dist.is_main_process() else None)
 
     dist.broadcast_parameters(model)
