@@ -123,7 +123,7 @@ def main(opts):
                               opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)
     dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS, rank=dist.get_rank(),
-                             world_size=dist.get_world_size())
+                             world_size=dist.get_world_size(), setting="--batch_size")
     if not any(k.endswith("rank_output.weight") for k in state):
         check_head(state, opts.checkpoint, opts.allow_random_init)
         LOGGER.warning("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)

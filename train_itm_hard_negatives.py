@@ -154,6 +154,7 @@ def build_datasets(opts, objectives):
     groups = read_image_groups(opts.negative_groups) if opts.negative_groups else None
     text_side, image_side = [], []
     shard = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    evaluation = {**shard, "setting": "inf_minibatch_size"}
     for txt_path, img_path in zip(opts.train_txt_dbs, opts.train_img_dbs):
         txt_db, img_db = TxtTokLmdb(txt_path, opts.max_txt_len), img_dbs[img_path]
         text_side.append(ItmRankDatasetHardNegFromText(txt_db, img_db, opts.negative_size, iais, groups, **shard))
@@ -165,10 +166,10 @@ def build_datasets(opts, objectives):
     val_txt = TxtTokLmdb(opts.val_txt_db, -1)
     val_img = img_dbs[opts.val_img_db]
     return {"text": ConcatDataset(text_side), "image": ConcatDataset(image_side),
-            "val": ItmValDataset(val_txt, val_img, opts.inf_minibatch_size, **shard),
-            "val_full": ItmEvalDataset(val_txt, val_img, opts.inf_minibatch_size, **shard),
+            "val": ItmValDataset(val_txt, val_img, opts.inf_minibatch_size, **evaluation),
+            "val_full": ItmEvalDataset(val_txt, val_img, opts.inf_minibatch_size, **evaluation),
             "test": ItmEvalDataset(TxtTokLmdb(opts.test_txt_db, -1), img_dbs[opts.test_img_db],
-                                   opts.inf_minibatch_size, **shard)}
+                                   opts.inf_minibatch_size, **evaluation)}
 
 
 def check_splits(dsets, uniter_config):
