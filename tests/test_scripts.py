@@ -1,4 +1,5 @@
 """Data-building scripts, the download script and the container launcher."""
+import hashlib
 import json
 import os
 import subprocess
@@ -77,10 +78,42 @@ def test_prepro_itm_karpathy_json(tmp_path):
     assert train.txt2img == {"0": "flickr30k_001000092795.npz", "1": "flickr30k_001000092795.npz"}
     meta = json.loads((tmp_path / "txt" / "itm_flickr30k_train.db" / "meta.json").read_text())
     assert meta == {"UNK": 100, "CLS": 101, "SEP": 102, "MASK": 103, "v_range": [106, len(VOCAB)],
-                    "toker": "bert-base-cased"}
+                    "toker": "bert-base-cased", "vocab": "vocab.txt",
+                    "vocab_sha256": hashlib.sha256((tmp_path / "vocab.txt").read_bytes()).hexdigest()}
+    assert "vocab.txt: 0 of 14 tokens (0.00%) are [UNK]" in res.stdout
     test = TxtTokLmdb(str(tmp_path / "txt" / "itm_flickr30k_test.db"), -1)
     assert test.img2txts == {"flickr30k_000000000042.npz": ["2"]}
     assert (tmp_path / "txt" / "itm_flickr30k_val.db" / "id2len.json").exists()
+
+
+def _mismatched(tmp_path):
+    """A caption JSON whose words the vocabulary mostly lacks (an uncased text, say)."""
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    ann = {"dataset": "flickr30k", "images": [
+        {"filename": "1.jpg", "split": "test",
+         "sentences": [{"raw": "Zebras graze beside a dog.", "sentid": 0}, {"raw": "Cats sleep.", "sentid": 1}]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    return ["scripts/prepro_itm.py", "--annotation", str(tmp_path / "ann.json"), "--vocab",
+            str(tmp_path / "vocab.txt"), "--output", str(tmp_path / "txt")]
+
+
+def test_prepro_itm_refuses_a_vocabulary_that_does_not_fit(tmp_path):
+    res = run(_mismatched(tmp_path))
+    assert res.returncode == 2
+    (line,) = [line for line in res.stderr.splitlines() if ": error: " in line]  # after the progress bar
+    assert f"--vocab {tmp_path / 'vocab.txt'}: 5 of 9 tokens (55.56%) are [UNK], more than 5%" in line
+    assert "--allow_unk" in line and "Traceback" not in res.stderr
+    assert not (tmp_path / "txt").exists()
+
+
+def test_prepro_itm_allow_unk_writes_and_records_the_vocabulary(tmp_path):
+    res = run(_mismatched(tmp_path) + ["--allow_unk"])
+    assert res.returncode == 0, res.stderr
+    assert "5 of 9 tokens (55.56%) are [UNK]" in res.stdout
+    meta = json.loads((tmp_path / "txt" / "itm_flickr30k_test.db" / "meta.json").read_text())
+    assert meta["vocab"] == "vocab.txt" and meta["toker"] == "bert-base-cased" and meta["UNK"] == 100
+    assert meta["vocab_sha256"] == hashlib.sha256((tmp_path / "vocab.txt").read_bytes()).hexdigest()
+    assert TxtTokLmdb(str(tmp_path / "txt" / "itm_flickr30k_test.db"), -1)["1"]["input_ids"] == [100, 100, VOCAB.index(".")]
 
 
 def _db_contents(root):
