@@ -54,6 +54,15 @@ def test_convert_imgdir_keep_all(tmp_path):
     assert db["a.npz"][0].shape == (33, 2048)
 
 
+def test_convert_imgdir_help_states_the_npz_contract():
+    res = run(["scripts/convert_imgdir.py", "--help"])
+    assert res.returncode == 0, res.stderr
+    for needle in ("features     [n, 2048]", "norm_bb      [n, 6]", "x1, y1, x2, y2, w, h", "[0, 1]",
+                   "w = x2 - x1", "highest first", "conf         [n]", "soft_labels  [n, C]", "optional",
+                   "nbb          []", "float16"):
+        assert needle in res.stdout, needle
+
+
 VOCAB = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
          "[unused100]", "[unused101]", "!", "a", "dog", "runs", "on", "the", "grass", "two", "men", "play",
          "##s", ".", "A", "Two"]
