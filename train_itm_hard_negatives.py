@@ -47,7 +47,7 @@ def build_parser():
     a = p.add_argument
     add_box_args(p)
     a("--checkpoint", type=str, default=None, help="initial weights (pre-trained UNITER .pt)")
-    a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go")
+    a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go (required, or in --config)")
     a("--max_txt_len", type=int, default=60, valid=POSITIVE, help="drop training captions longer than this")
     a("--train_batch_size", type=int, default=32, valid=POSITIVE,
       help="positives per optimizer step (gradient accumulation)")

@@ -50,7 +50,7 @@ def build_parser():
     a("--img_fname", default=None, help="img_fname template (see above)")
     a("--dataset", choices=sorted(SPLITS), default=None, help="dataset name (default: the JSON's 'dataset' field)")
     a("--allow_unk", action="store_true",
-      help=f"write the DBs even when more than {MAX_UNK_SHARE:.0%} of the tokens are [UNK]")
+      help=f"write the DBs even when more than {MAX_UNK_SHARE:.0%}% of the tokens are [UNK]")
     return p
 
 

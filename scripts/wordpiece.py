@@ -9,11 +9,10 @@ from data import DataError
 from utils.config import ConfigError
 
 
-def add_tokenizer_args(parser, vocab_required=True):
-    """--vocab, --toker and --uncased (``vocab_required=False`` leaves the check of --vocab to
-    the script)."""
+def add_tokenizer_args(parser):
+    """--vocab (required), --toker and --uncased."""
     a = parser.add_argument
-    a("--vocab", required=vocab_required, default=None,
+    a("--vocab", required=True,
       help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
     a("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
     a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")

@@ -384,3 +384,19 @@ def test_utilisation_is_model_flops_over_the_measured_matmul_rate():
     convention = train_step_flops(config, 8, 3, 6, 10)
     # the features' projection has no input gradient, so the convention counts a little more
     assert 0.85 * convention < counter.get_total_flops() <= convention
+
+
+@pytest.mark.parametrize("script, required", [
+    ("inf_itm.py", ["--txt_db", "--img_db", "--checkpoint", "--model_config", "--output_dir"]),
+    ("scripts/retrieval_metrics.py", ["--output"]),
+    ("scripts/prepro_itm.py", ["--annotation", "--vocab", "--output"]),
+    ("scripts/prepro_winoground.py", ["--examples", "--vocab", "--output"]),
+    ("scripts/compare_runs.py", ["--arm"]),
+])
+def test_help_shows_the_required_flags_as_required(script, required):
+    """--help's usage line brackets what may be left out and nothing else."""
+    res = run([script, "--help"])
+    assert res.returncode == 0, res.stderr
+    usage = " ".join(res.stdout.split("\n\n")[0].split())
+    for flag in required:
+        assert f" {flag} " in usage and f"[{flag} " not in usage, (flag, usage)
