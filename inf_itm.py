@@ -46,11 +46,11 @@ INPUTS = ("checkpoint", "model_config", "train_config", "txt_db", "img_db")
 def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
-    a("--txt_db", type=str, default=None, help="text DB of the split to evaluate")
-    a("--img_db", type=str, default=None, help="image DB of the split")
-    a("--checkpoint", type=str, default=None, help="model weights (.pt state dict)")
-    a("--model_config", type=str, default=None, help="model config JSON (e.g. config/uniter-base.json)")
-    a("--output_dir", type=str, default=None, help="where scores.json and score_matrix.pt go")
+    a("--txt_db", type=str, required=True, help="text DB of the split to evaluate")
+    a("--img_db", type=str, required=True, help="image DB of the split")
+    a("--checkpoint", type=str, required=True, help="model weights (.pt state dict)")
+    a("--model_config", type=str, required=True, help="model config JSON (e.g. config/uniter-base.json)")
+    a("--output_dir", type=str, required=True, help="where scores.json and score_matrix.pt go")
     a("--train_config", type=str, default=None, help="hps.json of training: take its box settings")
     add_box_args(p)
     a("--batch_size", type=int, default=400, valid=POSITIVE, help="images per forward pass")
@@ -152,7 +152,7 @@ def main(opts):
                               opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)
     dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS, rank=dist.get_rank(),
-                             world_size=dist.get_world_size())
+                             world_size=dist.get_world_size(), setting="--batch_size")
     if not any(k.endswith("rank_output.weight") for k in state):
         check_head(state, opts.checkpoint, opts.allow_random_init)
         LOGGER.warning("no rank_output in %s: zero-shot evaluation from the ITM head", opts.checkpoint)

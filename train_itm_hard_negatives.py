@@ -22,6 +22,7 @@ from data.groups import read_image_groups
 from engine.checkpointing import TrainingState, resume
 from engine.evaluation import evaluate, validation_scalars
 from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume, write_test_results
+from engine.run_info import launch_record, now, record_launch
 from engine.run_settings import check_resume, record_changes, run_record
 from engine.train_step import TrainStep
 from engine.training import train
@@ -46,7 +47,7 @@ def build_parser():
     a = p.add_argument
     add_box_args(p)
     a("--checkpoint", type=str, default=None, help="initial weights (pre-trained UNITER .pt)")
-    a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go")
+    a("--output_dir", type=str, default=None, help="where logs, checkpoints and results go (required, or in --config)")
     a("--max_txt_len", type=int, default=60, valid=POSITIVE, help="drop training captions longer than this")
     a("--train_batch_size", type=int, default=32, valid=POSITIVE,
       help="positives per optimizer step (gradient accumulation)")
@@ -153,6 +154,7 @@ def build_datasets(opts, objectives):
     groups = read_image_groups(opts.negative_groups) if opts.negative_groups else None
     text_side, image_side = [], []
     shard = {"rank": dist.get_rank(), "world_size": dist.get_world_size()}
+    evaluation = {**shard, "setting": "inf_minibatch_size"}
     for txt_path, img_path in zip(opts.train_txt_dbs, opts.train_img_dbs):
         txt_db, img_db = TxtTokLmdb(txt_path, opts.max_txt_len), img_dbs[img_path]
         text_side.append(ItmRankDatasetHardNegFromText(txt_db, img_db, opts.negative_size, iais, groups, **shard))
@@ -164,10 +166,10 @@ def build_datasets(opts, objectives):
     val_txt = TxtTokLmdb(opts.val_txt_db, -1)
     val_img = img_dbs[opts.val_img_db]
     return {"text": ConcatDataset(text_side), "image": ConcatDataset(image_side),
-            "val": ItmValDataset(val_txt, val_img, opts.inf_minibatch_size, **shard),
-            "val_full": ItmEvalDataset(val_txt, val_img, opts.inf_minibatch_size, **shard),
+            "val": ItmValDataset(val_txt, val_img, opts.inf_minibatch_size, **evaluation),
+            "val_full": ItmEvalDataset(val_txt, val_img, opts.inf_minibatch_size, **evaluation),
             "test": ItmEvalDataset(TxtTokLmdb(opts.test_txt_db, -1), img_dbs[opts.test_img_db],
-                                   opts.inf_minibatch_size, **shard)}
+                                   opts.inf_minibatch_size, **evaluation)}
 
 
 def check_splits(dsets, uniter_config):
@@ -202,8 +204,10 @@ def log_start(opts, model, dsets, objectives):
 
 def main(opts):
     check_options(opts)
+    started = now()
     device = dist.init(opts.collective_timeout)
     setup_logging(dist.is_main_process())
+    launch = launch_record(device, started)
     opts.resume = decided_by_rank0(lambda: should_resume(opts.output_dir, opts.resume))
     hps = run_record(vars(opts), dist.get_world_size())
     # a resumed run is the same run: changed settings are refused before any work, unless accepted
@@ -221,6 +225,8 @@ def main(opts):
     check_splits(dsets, model.config)
     opts.resume = decided_by_rank0(lambda: claim(opts.output_dir, opts.resume))
     folders = make_run_folders(opts.output_dir, opts.resume, hps, opts.model_config)
+    if dist.is_main_process():
+        record_launch(folders.log, launch, opts.resume)
     tb = TensorBoardLogger(folders.log if dist.is_main_process() else None)
 
     dist.broadcast_parameters(model)

@@ -1,5 +1,6 @@
 """Image-text matching datasets: hard-negative training groups, quick validation and
 full evaluation. Each item is already a batch (DataLoader batch_size=1)."""
+import logging
 import threading
 from collections import Counter
 
@@ -12,6 +13,8 @@ from .batch import compact_batch, iais_batch, padded_layout_masks, shared_across
 from .captions import CaptionDataset
 from .errors import DataError
 from .negatives import negatives_with
+
+LOGGER = logging.getLogger("iais")
 
 
 class _HardNegDataset(CaptionDataset):
@@ -108,19 +111,35 @@ class ItmRankDatasetHardNegFromImage(_HardNegDataset):
         return compact_batch(*args, box_start=txt_lens[-1])
 
 
+_said = set()  # the reductions of a mini-batch already logged (one line per split and setting)
+
+
+def fitted_mini_batch(requested, n_images, db_dir, setting):
+    """The image mini-batch size used for a split of ``n_images``: ``requested``, or the
+    split's image count where it is larger (said once at INFO, naming ``setting``)."""
+    if requested <= 0:
+        raise DataError(f"image mini-batch size {requested} ({setting}) must be at least 1")
+    if requested <= n_images:
+        return requested
+    if (db_dir, setting, requested) not in _said:
+        _said.add((db_dir, setting, requested))
+        LOGGER.info("%s %d is more than the %d images of %s: using %d", setting, requested, n_images, db_dir,
+                    n_images)
+    return n_images
+
+
 class ItmValDataset(CaptionDataset):
     """Quick validation: each caption against its image and the next
-    ``mini_batch_size - 1`` images of the split (wrapping around)."""
+    ``mini_batch_size - 1`` images of the split (wrapping around). A mini-batch larger
+    than the split is reduced to its image count; ``setting`` names the option it came
+    from in the line that says so."""
 
-    def __init__(self, txt_db, img_db, mini_batch_size=400, IAIS=False, *, rank=0, world_size=1):
+    def __init__(self, txt_db, img_db, mini_batch_size=400, IAIS=False, *, rank=0, world_size=1,
+                 setting="image mini-batch size"):
         super().__init__(txt_db, img_db, rank=rank, world_size=world_size)
         self.all_img_ids = list(self.img2txts)
         self.layout = "padded" if IAIS else "compact"  # IAIS: the original's name for the padded layout
-        if not 0 < mini_batch_size <= len(self.all_img_ids):
-            raise DataError(f"image mini-batch size {mini_batch_size} (inf_minibatch_size; --batch_size "
-                            f"of inf_itm.py) must be between 1 and the {len(self.all_img_ids)} "
-                            f"images of {txt_db.db_dir}")
-        self.bs = mini_batch_size
+        self.bs = fitted_mini_batch(mini_batch_size, len(self.all_img_ids), txt_db.db_dir, setting)
         self._img_pos = {img: j for j, img in enumerate(self.all_img_ids)}
 
     def _get_batch_ids(self, i):

@@ -10,7 +10,8 @@ from os.path import exists, join
 
 from utils import distributed as dist
 from utils.checkpoint import latest_training_state
-from utils.config import ConfigError, load_json
+from engine.run_settings import model_as_trained
+from utils.config import ConfigError
 from utils.logger import LOGGER, add_log_to_file
 from utils.outputs import LOCK_NAME, OutputError, lock_dir, refuse_unwritable, write_json
 
@@ -84,7 +85,8 @@ def decided_by_rank0(decide):
 
 def make_run_folders(output_dir, resumed, hps, model_config):
     """The run's folders (made by rank 0, which also logs to log/log.txt and, for a new run,
-    writes the options to log/hps.json and the model config to log/model.json)."""
+    writes the options to log/hps.json and the model config as trained to log/model.json:
+    the file's, with the ``dropout`` of ``hps`` set)."""
     folders = RunFolders(output_dir)
     if dist.is_main_process():
         for path in (folders.ckpt, folders.log, folders.results):
@@ -92,7 +94,8 @@ def make_run_folders(output_dir, resumed, hps, model_config):
         add_log_to_file(join(folders.log, "log.txt"))
         if not resumed:
             write_json(join(folders.log, "hps.json"), hps, indent=4)
-            write_json(join(folders.log, "model.json"), load_json(model_config, "model config"), indent=4)
+            write_json(join(folders.log, "model.json"), model_as_trained(model_config, hps.get("dropout")),
+                       indent=4)
     return folders
 
 

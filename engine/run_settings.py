@@ -76,6 +76,16 @@ class Change(NamedTuple):
     text: str  # "setting: old -> new"
 
 
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")  # both set by --dropout
+
+
+def model_as_trained(model_config, dropout):
+    """The model config file's contents with what --dropout sets (every dropout layer's
+    probability): what log/model.json records. ``dropout`` None: the file's as it is."""
+    config = load_json(model_config, "model config")
+    return config if dropout is None else {**config, **{key: dropout for key in DROPOUT_KEYS}}
+
+
 def run_record(options, world_size):
     """What log/hps.json holds: the options and the number of processes."""
     return {**options, "world_size": world_size}
@@ -122,12 +132,15 @@ def _global_batch(hps):
 
 
 def _model_changes(recorded_model, model):
+    """The model config's changes, less the dropout probabilities: --dropout sets them and is
+    compared as a setting of its own (a record of an older version holds the file's)."""
     def shown(config, key):
         return json.dumps(config[key]) if key in config else "(none)"
 
     return [Change(f"model_config.{key}", recorded_model.get(key), model.get(key),
                    f"model_config.{key}: {shown(recorded_model, key)} -> {shown(model, key)}")
-            for key in sorted(set(recorded_model) | set(model)) if recorded_model.get(key, ...) != model.get(key, ...)]
+            for key in sorted(set(recorded_model) | set(model))
+            if key not in DROPOUT_KEYS and recorded_model.get(key, ...) != model.get(key, ...)]
 
 
 def _plain_change(key, recorded, hps):
@@ -170,7 +183,8 @@ def check_resume(log_dir, hps, model_config, accept_changes):
     model config file ``model_config``); refused (ConfigError, a line per change) unless
     ``accept_changes``. Nothing is written."""
     recorded, recorded_model = read_record(log_dir)
-    changes, unrecorded = differences(recorded, recorded_model, hps, load_json(model_config, "model config"))
+    model = model_as_trained(model_config, hps.get("dropout"))
+    changes, unrecorded = differences(recorded, recorded_model, hps, model)
     for key in unrecorded:
         LOGGER.warning("--resume: %s does not record %s (written by an older version); it is not compared",
                        join(log_dir, "hps.json"), key)
@@ -205,5 +219,5 @@ def record_changes(log_dir, step, changes, hps, model_config):
         f.write(json.dumps(entry) + "\n")
     recorded, _ = read_record(log_dir)
     _write_json(join(log_dir, "hps.json"), {**recorded, **{key: hps[key] for key in COMPARED_KEYS}})
-    if _model_changed(changes):
-        _write_json(join(log_dir, "model.json"), load_json(model_config, "model config"))
+    if _model_changed(changes) or any(c.setting == "dropout" for c in changes):
+        _write_json(join(log_dir, "model.json"), model_as_trained(model_config, hps.get("dropout")))

@@ -48,7 +48,7 @@ RESULTS_FILE = re.compile(r"results_(\d+)\.json")
 def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
-    a("--arm", nargs="+", action="append", default=[], metavar=("NAME", "RUN"),
+    a("--arm", nargs="+", action="append", required=True, metavar=("NAME", "RUN"),
       help="an arm's name and its runs (training output_dirs or score_matrix.pt files); repeat per arm")
     a("--groups", default=None, help="Winoground-style groups JSON (needs score matrices)")
     a("--output", default=None, help="PREFIX: write PREFIX.md, PREFIX.tex, PREFIX.csv and PREFIX.json")

@@ -3,12 +3,13 @@
     python scripts/convert_imgdir.py --img_dir /feats/flickr30k --output /img_db --nproc 8
 
 writes /img_db/flickr30k/feat_th0.2_max100_min10/ (LMDB) and nbb_th0.2_max100_min10.json.
-Each .npz holds features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601] and
-nbb; arrays are stored as float16, cut to the boxes the setting keeps (all of them with
---keep_all). Unreadable files and unusable ones (no box, features not 2048-d, arrays of
-different lengths, non-finite values) are skipped and listed at the end.
+Each .npz holds one image's boxes (NPZ_CONTRACT below, shown by --help); arrays are stored
+as float16, cut to the boxes the setting keeps (all of them with --keep_all). Unreadable
+files and unusable ones (no box, features not 2048-d, arrays of different lengths,
+non-finite values) are skipped and listed at the end.
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import argparse
 import glob
 import multiprocessing as mp
 from functools import partial
@@ -25,6 +26,22 @@ from utils.config import POSITIVE, add_box_selection_args, make_parser
 from utils.outputs import refuse_overwriting_inputs, refuse_unwritable
 
 ARRAYS = ("features", "norm_bb", "conf", "soft_labels")
+NPZ_CONTRACT = """\
+one .npz per image, named as the txt_db's img_fname names it (flickr30k_001000092795.npz);
+n boxes, in the order of their confidence, highest first (the first nbb are the ones kept):
+  features     [n, 2048] float   the region features (BUTD Faster R-CNN, pooled)
+  norm_bb      [n, 6]    float   x1, y1, x2, y2, w, h of each box, x divided by the image's
+                                 width and y by its height, so all in [0, 1]; w = x2 - x1,
+                                 h = y2 - y1 (the model appends the area w * h)
+  conf         [n]       float   the box's detection confidence; the box count of the
+                                 setting is conf > conf_th, clipped to [min_bb, max_bb]
+                                 (conf_th -1: the first num_bb); with --keep_all needed
+                                 only by readers with a conf_th, which count boxes from it
+  soft_labels  [n, C]    float   optional: class probabilities (C = 1601 for Visual Genome);
+                                 stored, not read by training or evaluation
+  nbb          []        int     the boxes to keep, read with --keep_all only
+Any float dtype is taken and stored as float16 (values must be finite there: |x| < 65504);
+other keys are ignored. A file needs at least min_bb boxes (else lower --min_bb)."""
 
 
 def check_arrays(arrays, nbb):
@@ -68,6 +85,7 @@ def load_npz(path, conf_th, max_bb, min_bb, num_bb, keep_all):
 
 def build_parser():
     p = make_parser(__doc__.split("\n")[0])
+    p.formatter_class, p.epilog = argparse.RawDescriptionHelpFormatter, f"the .npz files:\n{NPZ_CONTRACT}"
     a = p.add_argument
     a("--img_dir", required=True, help="folder of .npz files (its name names the img_db)")
     a("--output", required=True, help="img_db root; the DB goes to OUTPUT/<img_dir name>/")

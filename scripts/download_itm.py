@@ -73,7 +73,9 @@ def parse_args(argv):
     parser.add_argument("storage", metavar="STORAGE")
     parser.add_argument("--only", action="append", choices=SUBSETS,
                         help="download this subset only (repeatable; default: all). pretrained holds the "
-                             "UNITER checkpoints and the vocabulary, iais the IAIS release")
+                             "UNITER checkpoints (several GB) and the vocabulary, vocab only the bert-base-cased "
+                             "vocabulary (pretrained/bert-base-cased-vocab.txt, what scripts/prepro_itm.py "
+                             "needs), iais the IAIS release")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print every URL that would be fetched")
     mode.add_argument("--verify", action="store_true",

@@ -5,7 +5,9 @@
 #   pretrained/ uniter-base.pt, uniter-large.pt, bert-base-cased-vocab.txt
 #   finetune/   IAIS fine-tuned checkpoints and logs (GitHub release v0.1.0 of lancopku/IAIS)
 #
-# usage: bash scripts/download_itm.sh [--only flickr|coco|pretrained|iais ...] [--dry-run | --verify] STORAGE
+#   (--only vocab: pretrained/bert-base-cased-vocab.txt alone, what scripts/prepro_itm.py needs)
+#
+# usage: bash scripts/download_itm.sh [--only flickr|coco|pretrained|vocab|iais ...] [--dry-run | --verify] STORAGE
 # `--help` lists the options and the environment variables (UNITER_BLOB: other hosts).
 # The work is done by download_itm.py beside this script (Python 3 standard library only).
 set -euo pipefail

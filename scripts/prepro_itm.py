@@ -9,7 +9,9 @@ tokenizer from a local vocab file (bert-base-cased unless told otherwise). Text 
 the Karpathy sentence ids. Each caption's ``img_fname`` names its image in the released
 img_dbs: Flickr30k "flickr30k_{stem:012d}.npz" (1000092795.jpg -> flickr30k_001000092795.npz),
 COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change it with
---img_fname (fields: stem, filename, filepath, cocoid, imgid, dataset).
+--img_fname (fields: stem, filename, filepath, cocoid, imgid, dataset). The share of
+[UNK] tokens is reported; above 5% (a vocabulary that does not fit the captions) nothing
+is written unless --allow_unk. meta.json records the vocab file's name and sha256.
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import os
@@ -20,13 +22,15 @@ from tqdm import tqdm
 
 from data import DataError, write_txt_db
 from data.txt_db import TXT_DB_FILES
-from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer
+from scripts.wordpiece import (add_tokenizer_args, build_meta, caption_value, check_unk_share, load_tokenizer,
+                               unk_share)
 from utils.cli import run
 from utils.config import ConfigError, load_json, make_parser
 from utils.outputs import refuse_overwriting_inputs, refuse_unwritable
 
 DEFAULT_FNAME = {"flickr30k": "flickr30k_{stem:012d}.npz", "coco": "coco_{filepath}_{cocoid:012d}.npz"}
 SPLITS = {"flickr30k": ("train", "val", "test"), "coco": ("train", "restval", "val", "test")}
+MAX_UNK_SHARE = 0.05
 
 
 def image_fields(img, dataset):
@@ -45,6 +49,8 @@ def build_parser():
     a("--output", required=True, help="folder for the txt_dbs")
     a("--img_fname", default=None, help="img_fname template (see above)")
     a("--dataset", choices=sorted(SPLITS), default=None, help="dataset name (default: the JSON's 'dataset' field)")
+    a("--allow_unk", action="store_true",
+      help=f"write the DBs even when more than {MAX_UNK_SHARE:.0%}% of the tokens are [UNK]")
     return p
 
 
@@ -72,6 +78,20 @@ def caption_fname(template, fields):
                           f"{e}); fields: {', '.join(fields)}") from None
 
 
+def tokenise(images, dataset, template, tokenizer):
+    """{split: {text id: txt_db value}} of the dataset's splits."""
+    splits = {s: {} for s in SPLITS[dataset]}
+    for img in tqdm(images, desc="tokenising"):
+        if img["split"] not in splits:
+            continue
+        fname = caption_fname(template, image_fields(img, dataset))
+        for sent in img["sentences"]:
+            raw = sent.get("raw") or " ".join(sent["tokens"])
+            txt_id = str(sent["sentid"])
+            splits[img["split"]][txt_id] = caption_value(tokenizer, raw, txt_id, fname)
+    return splits
+
+
 def main(opts):
     for path in (opts.annotation, opts.vocab):
         if not exists(path):
@@ -91,15 +111,10 @@ def main(opts):
     tokenizer = load_tokenizer(opts)
     meta = build_meta(tokenizer, opts.toker, opts.vocab)
 
-    splits = {s: {} for s in SPLITS[dataset]}
-    for img in tqdm(images, desc="tokenising"):
-        if img["split"] not in splits:
-            continue
-        fname = caption_fname(template, image_fields(img, dataset))
-        for sent in img["sentences"]:
-            raw = sent.get("raw") or " ".join(sent["tokens"])
-            txt_id = str(sent["sentid"])
-            splits[img["split"]][txt_id] = caption_value(tokenizer, raw, txt_id, fname)
+    splits = tokenise(images, dataset, template, tokenizer)
+    unknown, total = unk_share((e["input_ids"] for examples in splits.values() for e in examples.values()),
+                               meta["UNK"])
+    print(check_unk_share(unknown, total, opts.vocab, opts.allow_unk, MAX_UNK_SHARE))
     os.makedirs(opts.output, exist_ok=True)
     for split, examples in splits.items():
         db_dir = db_dirs[split]

@@ -32,9 +32,9 @@ GROUPS_NAME = "winoground_groups.json"
 def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
-    a("--examples", default=None, help="Winoground's examples.jsonl")
-    add_tokenizer_args(p, vocab_required=False)
-    a("--output", default=None, help="folder for the txt_db and the groups file")
+    a("--examples", required=True, help="Winoground's examples.jsonl")
+    add_tokenizer_args(p)
+    a("--output", required=True, help="folder for the txt_db and the groups file")
     a("--img_fname", default="{image}.npz", help="img_fname template of an image ({image}: its name)")
     return p
 
@@ -87,9 +87,6 @@ def check_output(opts):
 
 
 def main(opts):
-    for key in ("examples", "vocab", "output"):
-        if not getattr(opts, key):
-            raise ConfigError(f"--{key} is required")
     check_output(opts)
     if not os.path.exists(opts.vocab):
         raise ConfigError(f"vocab file {opts.vocab} not found")

@@ -41,7 +41,7 @@ def build_parser():
     p = make_parser(__doc__.split("\n")[0])
     a = p.add_argument
     a("scores", help="score_matrix.pt written by inf_itm.py")
-    a("--output", default=None, help="JSON file for the metrics")
+    a("--output", required=True, help="JSON file for the metrics")
     a("--folds", type=int, default=0, help="also average over N folds of consecutive images (COCO 1K: 5)")
     a("--bootstrap", type=int, default=0, help="resamples for the 95%% intervals (0: none)")
     a("--seed", type=int, default=42, help="seed of the resampling")

@@ -1,17 +1,18 @@
 """Captions tokenised into txt_db values (prepro_itm.py, prepro_winoground.py): the tokenizer's
 flags, BERT's WordPiece tokenizer of a local vocab file, a txt_db's meta.json and a caption's
-value."""
+value, and the share of [UNK] among a set of captions' tokens."""
+import hashlib
 import re
+from os.path import basename
 
 from data import DataError
 from utils.config import ConfigError
 
 
-def add_tokenizer_args(parser, vocab_required=True):
-    """--vocab, --toker and --uncased (``vocab_required=False`` leaves the check of --vocab to
-    the script)."""
+def add_tokenizer_args(parser):
+    """--vocab (required), --toker and --uncased."""
     a = parser.add_argument
-    a("--vocab", required=vocab_required, default=None,
+    a("--vocab", required=True,
       help="BERT WordPiece vocab file (e.g. bert-base-cased-vocab.txt)")
     a("--toker", default="bert-base-cased", help="tokenizer name stored in meta.json")
     a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
@@ -34,7 +35,37 @@ def build_meta(tokenizer, toker_name, vocab_path):
     ids = {k: vocab[f"[{k}]"] for k in ("UNK", "CLS", "SEP", "MASK")}
     first_word = next(i for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])
                       if i > ids["MASK"] and not re.fullmatch(r"\[.*\]", tok))
-    return {**ids, "v_range": [first_word, len(vocab)], "toker": toker_name}
+    return {**ids, "v_range": [first_word, len(vocab)], "toker": toker_name, "vocab": basename(vocab_path),
+            "vocab_sha256": file_sha256(vocab_path)}
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unk_share(token_lists, unk_id):
+    """(tokens that are [UNK], all tokens) of the captions' token id lists."""
+    unknown = total = 0
+    for ids in token_lists:
+        unknown += sum(1 for i in ids if i == unk_id)
+        total += len(ids)
+    return unknown, total
+
+
+def check_unk_share(unknown, total, vocab_path, allow, limit):
+    """One line naming the vocab file and the share of [UNK] tokens; above ``limit`` (a
+    fraction) a DataError unless ``allow``: the vocabulary does not fit the captions."""
+    share = unknown / total if total else 0.0
+    line = f"--vocab {vocab_path}: {unknown} of {total} tokens ({share:.2%}) are [UNK]"
+    if share > limit and not allow:
+        raise DataError(f"{line}, more than {limit:.0%}: the vocabulary does not fit the captions (a cased "
+                        f"vocab for cased text: bert-base-cased-vocab.txt, `bash scripts/download_itm.sh --only "
+                        f"vocab STORAGE`; --uncased for an uncased one); --allow_unk writes the DBs anyway")
+    return line
 
 
 def caption_value(tokenizer, raw, txt_id, img_fname):

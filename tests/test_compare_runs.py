@@ -317,7 +317,7 @@ def bad_inputs(tmp_path):
     return {
         "unknown path": (["--arm", "a", tmp_path / "nowhere"], ["--arm a:", "nowhere not found"]),
         "no runs": (["--arm", "a", base[0], "--arm", "b"], ["--arm b has no runs"]),
-        "no arm": ([], ["give at least one --arm"]),
+        "no arm": ([], ["the following arguments are required: --arm"]),
         "twice": (["--arm", "a", base[0], "--arm", "a", base[1]], ["--arm a is given twice"]),
         "run twice": (["--arm", "a", base[0], base[0]], [f"{base[0]} is given twice"]),
         "no results": (["--arm", "a", empty], ["unfinished holds no test results", "inf_itm.py"]),

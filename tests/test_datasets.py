@@ -1,6 +1,7 @@
 """The ITM datasets: the original's batches rebuilt exactly, evaluation order, sharding,
 errors, the one-pair batch."""
 import json
+import logging
 import random
 import shutil
 
@@ -73,8 +74,25 @@ def test_sharding_is_disjoint_and_complete(txt_db, img_db, world):
 def test_dataset_errors_name_the_culprit(txt_db, img_db):
     with pytest.raises(DataError, match="raise --max_txt_len"):
         ItmRankDatasetHardNegFromText(TxtTokLmdb(TXT_DB, 1), img_db, 3)
-    with pytest.raises(DataError, match="mini-batch size 13"):
-        ItmValDataset(txt_db, img_db, 13)
+    with pytest.raises(DataError, match="mini-batch size 0 .* at least 1"):
+        ItmValDataset(txt_db, img_db, 0)
+
+
+@pytest.mark.parametrize("kind", [ItmValDataset, ItmEvalDataset])
+def test_a_mini_batch_larger_than_the_split_is_reduced_to_it(txt_db, img_db, kind, caplog, monkeypatch):
+    monkeypatch.setattr("data.itm._said", set())  # each reduction is said once per process
+    n_images = len(txt_db.img2txts)
+    fitting = kind(txt_db, img_db, n_images)
+    with caplog.at_level(logging.INFO, logger="iais"):
+        larger = kind(txt_db, img_db, n_images + 388, setting="--batch_size")
+    assert larger.bs == n_images
+    said = [r.getMessage() for r in caplog.records if "is more than" in r.getMessage()]
+    assert said == [f"--batch_size {n_images + 388} is more than the {n_images} images of {txt_db.db_dir}: "
+                    f"using {n_images}"]
+    for i in (0, len(fitting) - 1):
+        a, b = fitting[i], larger[i]
+        for x, y in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert same_batch(x, y)
 
 
 def test_captions_without_image_are_reported(tmp_path, img_db):

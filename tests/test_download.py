@@ -235,6 +235,20 @@ def test_unreachable_host_is_retried_then_named(tmp_path, server):
     assert "try 2/2" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_only_vocab_fetches_the_vocabulary_alone(tmp_path, server):
+    st = tmp_path / "st"
+    res = download(server, "--only", "vocab", "--dry-run", st)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("fetch ") == 1 and "bert-base-cased-vocab.txt" in res.stdout
+    res = download(server, "--only", "vocab", st)
+    assert res.returncode == 0, res.stderr
+    assert (st / "pretrained" / "bert-base-cased-vocab.txt").read_bytes() == VOCAB
+    assert [path for path, _ in server.requests] == ["/vocab/vocab.txt"]
+    assert list(manifest(st)) == ["pretrained/bert-base-cased-vocab.txt"]
+    assert not [p for p in st.rglob("*") if p.is_file() and p.name not in ("bert-base-cased-vocab.txt",
+                                                                           "MANIFEST.sha256")]
+
+
 def test_a_short_vocabulary_is_refused(tmp_path, server):
     st = tmp_path / "st"
     res = download(server, "--only", "pretrained", st, BERT_VOCAB_URL=f"{server.url}/vocab/short.txt",

@@ -63,6 +63,15 @@ def test_new_run_writes_its_options_and_model_config(tmp_path, root_log_handlers
     assert "into the run's log" in (tmp_path / "o" / "log" / "log.txt").read_text()
 
 
+def test_model_json_records_the_dropout_set(tmp_path, root_log_handlers):
+    make_run_folders(str(tmp_path / "o"), False, {"seed": 3, "dropout": 0.0}, TINY_CONFIG)
+    with open(TINY_CONFIG) as f:
+        file_config = json.load(f)
+    recorded = json.loads((tmp_path / "o" / "log" / "model.json").read_text())
+    assert file_config["hidden_dropout_prob"] == 0.1
+    assert recorded == {**file_config, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+
+
 def test_resumed_run_keeps_the_options_it_started_with(tmp_path, root_log_handlers):
     (tmp_path / "o" / "log").mkdir(parents=True)
     (tmp_path / "o" / "log" / "hps.json").write_text('{"seed": 1}')

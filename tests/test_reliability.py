@@ -88,7 +88,13 @@ def test_corrupt_lmdb_value_through_a_worker(tmp_path, worker_type):
 
 
 def test_mini_batch_larger_than_the_split(tmp_path):
-    assert_one_line_error(inf(tmp_path / "out", **{"--batch_size": "100"}), "mini-batch size 100", "12 images")
+    """Reduced to the split's 12 images with one INFO line; 0 is still refused."""
+    res = inf(tmp_path / "out", **{"--batch_size": "100"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = [line for line in res.stderr.splitlines() if "is more than" in line]
+    assert len(said) == 1 and "INFO" in said[0] and "--batch_size 100 is more than the 12 images" in said[0]
+    assert said[0].endswith("using 12")
+    assert_one_line_error(inf(tmp_path / "out0", **{"--batch_size": "0"}), "--batch_size")
 
 
 def _train(tmp_path, *extra, **config):
@@ -96,9 +102,15 @@ def _train(tmp_path, *extra, **config):
     return run(["train_itm_hard_negatives.py", "--config", cfg, "--output_dir", str(tmp_path / "o")] + list(extra))
 
 
+def test_training_serves_a_validation_split_smaller_than_its_mini_batch(tmp_path):
+    res = _train(tmp_path, inf_minibatch_size=64, num_train_steps=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    said = [line for line in res.stderr.splitlines() if "is more than" in line]
+    assert len(said) == 1 and "inf_minibatch_size 64 is more than the 12 images" in said[0], res.stderr[-2000:]
+
+
 def test_training_bad_input_catalogue(tmp_path):
     assert_one_line_error(_train(tmp_path, max_txt_len=2), "no caption left after filtering by max_txt_len")
-    assert_one_line_error(_train(tmp_path, inf_minibatch_size=64), "mini-batch size 64")
     assert_one_line_error(_train(tmp_path, "--IAIS", "both"), "--IAIS")
     assert_one_line_error(_train(tmp_path, max_bb=500), "512 positions")
     assert_one_line_error(_train(tmp_path, train_txt_dbs=[str(tmp_path / "x.db")]), "x.db not found")

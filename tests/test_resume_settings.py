@@ -12,8 +12,8 @@ import torch
 
 from conftest import TINY_CONFIG
 from engine.checkpointing import TrainingState, resume
-from engine.run_settings import (COMPARED, COMPARED_KEYS, FREE, GLOBAL_BATCH, HISTORY_NAME, check_resume,
-                                 differences, record_changes, run_record)
+from engine.run_settings import (COMPARED, COMPARED_KEYS, DROPOUT_KEYS, FREE, GLOBAL_BATCH, HISTORY_NAME,
+                                 check_resume, differences, record_changes, run_record)
 from helpers import run, tiny_train_config
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError, parse_with_config
@@ -83,13 +83,25 @@ def test_a_changed_setting_is_refused_with_its_line(tmp_path, recorded_hps, key)
     assert check_resume(log_dir, hps, TINY_CONFIG, True)[0].setting == name
 
 
-@pytest.mark.parametrize("key", sorted(TINY_MODEL))
+@pytest.mark.parametrize("key", sorted(set(TINY_MODEL) - set(DROPOUT_KEYS)))
 def test_a_changed_model_config_is_refused_with_its_line(tmp_path, recorded_hps, key):
     log_dir = _record(tmp_path / "log", recorded_hps)
     config = tmp_path / "model.json"
     config.write_text(json.dumps({**TINY_MODEL, key: _changed(TINY_MODEL[key])}))
     _, details = _refusal(log_dir, {**recorded_hps, "model_config": str(config)}, str(config))
     assert details == [f"model_config.{key}: {json.dumps(TINY_MODEL[key])} -> {json.dumps(_changed(TINY_MODEL[key]))}"]
+
+
+@pytest.mark.parametrize("key", DROPOUT_KEYS)
+def test_the_files_dropout_is_not_compared_but_the_dropout_set_is(tmp_path, recorded_hps, key):
+    """--dropout sets every dropout layer, whatever the file says: the file's value trains
+    nothing; a changed --dropout is one change, not three."""
+    log_dir = _record(tmp_path / "log", recorded_hps)
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({**TINY_MODEL, key: 0.3}))
+    assert check_resume(log_dir, {**recorded_hps, "model_config": str(config)}, str(config), False) == []
+    _, details = _refusal(log_dir, {**recorded_hps, "dropout": 0.0})
+    assert details == ["dropout: 0.1 -> 0.0"]
 
 
 @pytest.mark.parametrize("key", sorted(FREE))
@@ -141,17 +153,22 @@ def test_a_record_missing_or_unreadable_is_one_line(tmp_path, recorded_hps, name
 def test_accepted_changes_are_recorded(tmp_path, recorded_hps):
     log_dir = _record(tmp_path / "log", recorded_hps)
     config = tmp_path / "model.json"
-    config.write_text(json.dumps({**TINY_MODEL, "hidden_dropout_prob": 0.2}))
-    hps = {**recorded_hps, "num_train_steps": 8, "n_workers": 3, "model_config": str(config)}
+    config.write_text(json.dumps({**TINY_MODEL, "initializer_range": 0.04, "hidden_dropout_prob": 0.3}))
+    hps = {**recorded_hps, "num_train_steps": 8, "n_workers": 3, "model_config": str(config), "dropout": 0.0}
     changes = check_resume(log_dir, hps, str(config), True)
     record_changes(log_dir, 4, changes, hps, str(config))
     entries = [json.loads(line) for line in (tmp_path / "log" / HISTORY_NAME).read_text().splitlines()]
     assert len(entries) == 1 and entries[0]["step"] == 4
-    assert entries[0]["changes"] == [{"setting": "model_config.hidden_dropout_prob", "old": 0.1, "new": 0.2},
-                                     {"setting": "num_train_steps", "old": 4, "new": 8}]
+    # the file's dropout is not what trains: --dropout is, compared once as a setting
+    assert entries[0]["changes"] == [{"setting": "model_config.initializer_range", "old": 0.02, "new": 0.04},
+                                     {"setting": "num_train_steps", "old": 4, "new": 8},
+                                     {"setting": "dropout", "old": 0.1, "new": 0.0}]
     written = json.loads((tmp_path / "log" / "hps.json").read_text())
-    assert written == {**recorded_hps, "num_train_steps": 8, "model_config": str(config)}  # n_workers kept
-    assert json.loads((tmp_path / "log" / "model.json").read_text())["hidden_dropout_prob"] == 0.2
+    assert written == {**recorded_hps, "num_train_steps": 8, "model_config": str(config),
+                       "dropout": 0.0}  # n_workers kept
+    model = json.loads((tmp_path / "log" / "model.json").read_text())
+    assert model["initializer_range"] == 0.04
+    assert model["hidden_dropout_prob"] == model["attention_probs_dropout_prob"] == 0.0  # as trained
     assert check_resume(log_dir, hps, str(config), False) == []  # the record now describes the run
     assert differences(written, TINY_MODEL, recorded_hps, TINY_MODEL)[0][0].text == "num_train_steps: 8 -> 4"
 

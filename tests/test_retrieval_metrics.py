@@ -274,7 +274,7 @@ def test_script_bad_inputs_are_one_line(tmp_path):
     one_line_error(metrics_cli(score_file(tmp_path / "r.pt", SCORES[:5]), "--output", tmp_path / "m.json"),
                    "r.pt: scores are (5, 3) but the file names 6 texts")
     one_line_error(metrics_cli(good, "--folds", 4, "--output", tmp_path / "m.json"), "--folds 4", "3 images")
-    one_line_error(metrics_cli(good), "--output is required")
+    one_line_error(metrics_cli(good), "the following arguments are required: --output")
     one_line_error(metrics_cli(tmp_path / "missing.pt", "--output", tmp_path / "m.json"), "missing.pt not found")
     assert not (tmp_path / "m.json").exists()
 

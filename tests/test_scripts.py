@@ -1,4 +1,5 @@
 """Data-building scripts, the download script and the container launcher."""
+import hashlib
 import json
 import os
 import subprocess
@@ -53,6 +54,15 @@ def test_convert_imgdir_keep_all(tmp_path):
     assert db["a.npz"][0].shape == (33, 2048)
 
 
+def test_convert_imgdir_help_states_the_npz_contract():
+    res = run(["scripts/convert_imgdir.py", "--help"])
+    assert res.returncode == 0, res.stderr
+    for needle in ("features     [n, 2048]", "norm_bb      [n, 6]", "x1, y1, x2, y2, w, h", "[0, 1]",
+                   "w = x2 - x1", "highest first", "conf         [n]", "soft_labels  [n, C]", "optional",
+                   "nbb          []", "float16"):
+        assert needle in res.stdout, needle
+
+
 VOCAB = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]",
          "[unused100]", "[unused101]", "!", "a", "dog", "runs", "on", "the", "grass", "two", "men", "play",
          "##s", ".", "A", "Two"]
@@ -77,10 +87,42 @@ def test_prepro_itm_karpathy_json(tmp_path):
     assert train.txt2img == {"0": "flickr30k_001000092795.npz", "1": "flickr30k_001000092795.npz"}
     meta = json.loads((tmp_path / "txt" / "itm_flickr30k_train.db" / "meta.json").read_text())
     assert meta == {"UNK": 100, "CLS": 101, "SEP": 102, "MASK": 103, "v_range": [106, len(VOCAB)],
-                    "toker": "bert-base-cased"}
+                    "toker": "bert-base-cased", "vocab": "vocab.txt",
+                    "vocab_sha256": hashlib.sha256((tmp_path / "vocab.txt").read_bytes()).hexdigest()}
+    assert "vocab.txt: 0 of 14 tokens (0.00%) are [UNK]" in res.stdout
     test = TxtTokLmdb(str(tmp_path / "txt" / "itm_flickr30k_test.db"), -1)
     assert test.img2txts == {"flickr30k_000000000042.npz": ["2"]}
     assert (tmp_path / "txt" / "itm_flickr30k_val.db" / "id2len.json").exists()
+
+
+def _mismatched(tmp_path):
+    """A caption JSON whose words the vocabulary mostly lacks (an uncased text, say)."""
+    (tmp_path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    ann = {"dataset": "flickr30k", "images": [
+        {"filename": "1.jpg", "split": "test",
+         "sentences": [{"raw": "Zebras graze beside a dog.", "sentid": 0}, {"raw": "Cats sleep.", "sentid": 1}]}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    return ["scripts/prepro_itm.py", "--annotation", str(tmp_path / "ann.json"), "--vocab",
+            str(tmp_path / "vocab.txt"), "--output", str(tmp_path / "txt")]
+
+
+def test_prepro_itm_refuses_a_vocabulary_that_does_not_fit(tmp_path):
+    res = run(_mismatched(tmp_path))
+    assert res.returncode == 2
+    (line,) = [line for line in res.stderr.splitlines() if ": error: " in line]  # after the progress bar
+    assert f"--vocab {tmp_path / 'vocab.txt'}: 5 of 9 tokens (55.56%) are [UNK], more than 5%" in line
+    assert "--allow_unk" in line and "Traceback" not in res.stderr
+    assert not (tmp_path / "txt").exists()
+
+
+def test_prepro_itm_allow_unk_writes_and_records_the_vocabulary(tmp_path):
+    res = run(_mismatched(tmp_path) + ["--allow_unk"])
+    assert res.returncode == 0, res.stderr
+    assert "5 of 9 tokens (55.56%) are [UNK]" in res.stdout
+    meta = json.loads((tmp_path / "txt" / "itm_flickr30k_test.db" / "meta.json").read_text())
+    assert meta["vocab"] == "vocab.txt" and meta["toker"] == "bert-base-cased" and meta["UNK"] == 100
+    assert meta["vocab_sha256"] == hashlib.sha256((tmp_path / "vocab.txt").read_bytes()).hexdigest()
+    assert TxtTokLmdb(str(tmp_path / "txt" / "itm_flickr30k_test.db"), -1)["1"]["input_ids"] == [100, 100, VOCAB.index(".")]
 
 
 def _db_contents(root):
@@ -342,3 +384,19 @@ def test_utilisation_is_model_flops_over_the_measured_matmul_rate():
     convention = train_step_flops(config, 8, 3, 6, 10)
     # the features' projection has no input gradient, so the convention counts a little more
     assert 0.85 * convention < counter.get_total_flops() <= convention
+
+
+@pytest.mark.parametrize("script, required", [
+    ("inf_itm.py", ["--txt_db", "--img_db", "--checkpoint", "--model_config", "--output_dir"]),
+    ("scripts/retrieval_metrics.py", ["--output"]),
+    ("scripts/prepro_itm.py", ["--annotation", "--vocab", "--output"]),
+    ("scripts/prepro_winoground.py", ["--examples", "--vocab", "--output"]),
+    ("scripts/compare_runs.py", ["--arm"]),
+])
+def test_help_shows_the_required_flags_as_required(script, required):
+    """--help's usage line brackets what may be left out and nothing else."""
+    res = run([script, "--help"])
+    assert res.returncode == 0, res.stderr
+    usage = " ".join(res.stdout.split("\n\n")[0].split())
+    for flag in required:
+        assert f" {flag} " in usage and f"[{flag} " not in usage, (flag, usage)

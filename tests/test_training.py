@@ -141,6 +141,9 @@ def test_two_processes_keep_identical_parameters(tmp_path, launcher):
         assert f"step {step}: parameters identical on 2 rank(s)" in log
     expected = "via torch" if launcher == "torchrun" else "via horovod"
     assert expected in res.stderr + res.stdout
+    (launch,) = json.loads((out / "log" / "run.json").read_text())  # written once, by rank 0
+    assert launch["world_size"] == 2 and [r["rank"] for r in launch["ranks"]] == [0, 1]
+    assert all(r["host"] for r in launch["ranks"]) and launch["devices"] == ["cpu", "cpu"]
 
 
 def _error(tmp_path, extra, **config):

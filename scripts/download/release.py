@@ -24,7 +24,7 @@ UNITER_FILES = {
     "flickr": ["img_db/flickr30k.tar"] + [f"txt_db/itm_flickr30k_{split}.db.tar" for split in ("train", "val", "test")],
     "pretrained": ["pretrained/uniter-base.pt", "pretrained/uniter-large.pt"],
 }
-SUBSETS = ("flickr", "coco", "pretrained", "iais")
+SUBSETS = ("flickr", "coco", "pretrained", "vocab", "iais")  # pretrained includes the vocabulary
 
 
 def env_list(name, default):
@@ -83,7 +83,7 @@ def uniter_jobs(storage, subsets):
     advice = "set UNITER_BLOB to a base URL that serves the UNITER release"
     jobs = [Job([f"{host}/{path}" for host in hosts], os.path.join(storage, path), advice)
             for subset in subsets for path in UNITER_FILES.get(subset, [])]
-    if "pretrained" in subsets:
+    if "pretrained" in subsets or "vocab" in subsets:  # vocab: the one file the DB builders need
         jobs.append(Job(env_list("BERT_VOCAB_URL", VOCAB_URLS), os.path.join(storage, VOCAB_FILE),
                         "set BERT_VOCAB_URL to bert-base-cased's vocab.txt", check=vocab_problem))
     return jobs
