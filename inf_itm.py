@@ -36,7 +36,7 @@ from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, add
 from utils.logger import LOGGER, setup_logging
 from utils.outputs import atomic_write, lock_dir, refuse_overwriting_inputs, refuse_unwritable, write_json
 from utils.precision import autocast, resolve_amp
-from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, topk_records
+from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, topk_records, write_recall_log
 
 RESULTS = ("scores.json", "score_matrix.pt", "topk.jsonl")  # an earlier evaluation's, kept unless --overwrite
 WRITTEN = ("config.json", join(SHARDS, MANIFEST)) + RESULTS
@@ -87,7 +87,7 @@ def write_results(output_dir, settings, scores, txt_ids, img_ids, txt2img, origi
     write_json(join(output_dir, "config.json"), settings, indent=2)
     atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids, "txt2img": txt2img},
                 join(output_dir, "score_matrix.pt"))
-    write_json(join(output_dir, "scores.json"), {**log, "counting": counting_name(original_counting)}, indent=2)
+    write_recall_log(join(output_dir, "scores.json"), log, counting_name(original_counting))
     if dump_topk:
         gt_img = gt_image_index(txt_ids, img_ids, txt2img)
 

@@ -14,6 +14,7 @@ from engine.run_settings import model_as_trained
 from utils.config import ConfigError
 from utils.logger import LOGGER, add_log_to_file
 from utils.outputs import LOCK_NAME, OutputError, lock_dir, refuse_unwritable, write_json
+from utils.retrieval_metrics import write_recall_log
 
 _RUN_FOLDERS = {"log", "ckpt", "results_test", LOCK_NAME}
 
@@ -100,4 +101,4 @@ def make_run_folders(output_dir, resumed, hps, model_config):
 
 
 def write_test_results(folders, step, log, counting):
-    write_json(join(folders.results, f"results_{step}.json"), {**log, "counting": counting}, indent=2)
+    write_recall_log(join(folders.results, f"results_{step}.json"), log, counting)

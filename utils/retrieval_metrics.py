@@ -13,6 +13,7 @@ numbers include it.
 import torch
 
 from .config import ConfigError, load_json
+from .outputs import write_json
 
 KS = (1, 5, 10)
 SIDES = ("img", "txt")  # img: a text query finds its image; txt: an image query finds any of its texts
@@ -29,6 +30,12 @@ def recall_means(metrics):
         log[f"{side}_r_mean"] = sum(metrics[f"{side}_r{k}"] for k in KS) / len(KS)
     log["r_mean"] = (log["txt_r_mean"] + log["img_r_mean"]) / 2
     return log
+
+
+def write_recall_log(path, log, counting):
+    """A :func:`recall_means` log as the results JSON both entry points write (training's
+    results_test/results_N.json, inf_itm.py's scores.json), with its ``counting`` named."""
+    write_json(path, {**log, "counting": counting}, indent=2)
 
 
 def format_recall_table(log, original_counting=False):
