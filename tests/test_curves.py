@@ -64,3 +64,12 @@ def test_plot_run_overlays_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     res = run(["scripts/plot_run.py", str(tmp_path / "missing")])
     assert res.returncode == 2 and "no log/metrics.jsonl" in res.stderr and res.stderr.count("\n") == 1
+
+
+def test_a_picture_that_cannot_be_drawn_is_a_warning(tmp_path, caplog):
+    from engine.output_dir import RunFolders
+    from engine.run_end import draw_curves_at_end
+    (tmp_path / "log").mkdir()  # no metrics.jsonl
+    draw_curves_at_end(RunFolders(str(tmp_path)))
+    assert [r.levelname for r in caplog.records if "curves.png" in r.getMessage()] == ["WARNING"]
+    assert not (tmp_path / "log" / "curves.png").exists()
