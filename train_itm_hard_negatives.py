@@ -10,6 +10,7 @@ caption, its image and the hardest other images, with the linguistic variant); g
 are accumulated over ``train_batch_size`` micro-steps and averaged over processes.
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys
 from functools import partial
 from os.path import join
 
@@ -20,8 +21,11 @@ from data import (DataError, WORKER_TYPES, ImageLmdbGroup, ItmEvalDataset, ItmRa
                   itm_rank_hn_collate, prefetch_loader)
 from data.groups import read_image_groups
 from engine.checkpointing import TrainingState, resume
-from engine.evaluation import evaluate, validation_scalars
-from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume, write_test_results
+from engine.best import BestCheckpoint, resolve_metric
+from engine.evaluation import validation_scalars
+from engine.interrupts import Interrupted
+from engine.output_dir import claim, decided_by_rank0, make_run_folders, should_resume
+from engine.run_end import draw_curves_at_end, report_interrupted, test_last_and_best
 from engine.run_info import launch_record, now, record_launch
 from engine.run_settings import check_resume, record_changes, run_record
 from engine.train_step import TrainStep
@@ -36,10 +40,16 @@ from utils.logger import LOGGER, TensorBoardLogger, setup_logging
 from utils.misc import set_dropout, set_random_seed
 from utils.optim import build_optimizer, get_lr_sched
 from utils.precision import autocast, make_scaler, resolve_amp
-from utils.retrieval_metrics import counting_name, format_recall_table
 
 CONFIG_ONLY_KEYS = {"train_txt_dbs": "paths", "train_img_dbs": "paths", "val_txt_db": "path", "val_img_db": "path",
                     "test_txt_db": "path", "test_img_db": "path", "model_config": "path"}
+
+
+def add_validation_args(a):
+    a("--full_val", action="store_true", help="full R@K evaluation at every validation")
+    a("--best_metric", type=str, default=None,
+      help="validation scalar whose highest value picks ckpt/best.pt (default: the mean recall, "
+           "valid/recall_mean, or valid/r_mean with --full_val)")
 
 
 def build_parser():
@@ -66,7 +76,7 @@ def build_parser():
       help="gradient clipping norm (-1: off)")
     a("--warmup_steps", type=int, default=4000, valid=NON_NEGATIVE, help="linear learning-rate warm-up steps")
     a("--seed", type=int, default=42, valid=Range(0, 2**32 - 1), help="random seed")
-    a("--full_val", action="store_true", help="full R@K evaluation at every validation")
+    add_validation_args(a)
     add_counting_arg(p)
     a("--fp16", action="store_true", help="mixed precision (float16 + loss scaling on GPU, bfloat16 on CPU)")
     a("--amp_dtype", choices=["fp16", "bf16"], default=None,
@@ -129,6 +139,7 @@ def check_options(opts):
         raise ConfigError(f"--min_bb {opts.min_bb} exceeds --max_bb {opts.max_bb}")
     if opts.resume_with_changes and not opts.resume:
         raise ConfigError("--resume_with_changes accepts changed settings of a resumed run; add --resume")
+    opts.best_metric = resolve_metric(opts.best_metric, opts.full_val)
 
 
 def run_objectives(iais, alignment):
@@ -140,9 +151,13 @@ def run_objectives(iais, alignment):
 
 
 def build_model(opts, objectives, device):
+    """The model; a resumed run's weights come from its own last checkpoint (loaded by
+    engine.checkpointing.resume), so --checkpoint is not read then."""
+    if opts.resume:
+        LOGGER.info("--resume: the weights come from the last checkpoint in %s", join(opts.output_dir, "ckpt"))
     model, _ = load_model(UniterForImageTextRetrievalHardNeg, opts.model_config, opts.checkpoint,
-                          opts.allow_random_init, img_dim=IMG_DIM, margin=opts.margin, hard_size=opts.hard_neg_size,
-                          objectives=objectives)
+                          opts.allow_random_init, resuming=opts.resume, img_dim=IMG_DIM, margin=opts.margin,
+                          hard_size=opts.hard_neg_size, objectives=objectives)
     model.init_output()  # the ranking head starts from the pre-trained ITM head
     set_dropout(model, opts.dropout)
     return model.to(device)
@@ -223,7 +238,10 @@ def main(opts):
     dsets = build_datasets(opts, objectives)
     model = build_model(opts, objectives, device)
     check_splits(dsets, model.config)
+    resuming = opts.resume
     opts.resume = decided_by_rank0(lambda: claim(opts.output_dir, opts.resume))
+    if resuming and not opts.resume:  # the weights were not loaded from --checkpoint
+        raise ConfigError(f"output_dir {opts.output_dir}: its training state went away while starting; run again")
     folders = make_run_folders(opts.output_dir, opts.resume, hps, opts.model_config)
     if dist.is_main_process():
         record_launch(folders.log, launch, opts.resume)
@@ -239,29 +257,38 @@ def main(opts):
     start_step = resume(state, folders.ckpt, opts.model_config) if opts.resume else 0
     if opts.resume and dist.is_main_process():  # recorded once the training state is known to fit
         record_changes(folders.log, start_step, changes, hps, opts.model_config)
+    best = BestCheckpoint(folders.ckpt, opts.best_metric)
+    if opts.resume:
+        best.load()
     log_start(opts, model, dsets, objectives)
 
     def validate_at(step):
         with autocast(device, amp_dtype):
             return validation_scalars(model, val_loader, step, opts.full_val, opts.original_counting)
 
-    last_step = train(build_train_step(opts, state, objectives, device, amp_dtype), folders.ckpt, start_step=start_step,
-                      num_train_steps=opts.num_train_steps, valid_steps=opts.valid_steps, validate=validate_at, tb=tb)
-    with autocast(device, amp_dtype):
-        test_log = evaluate(model, test_loader, original_counting=opts.original_counting)
-    report_test(test_log, last_step, folders, tb, opts.original_counting)
-    tb.close()
-    dist.shutdown()
+    train_step = build_train_step(opts, state, objectives, device, amp_dtype)
+    last_step = train_or_stop(train_step, folders, tb, start_step, opts, validate_at, best)
+    test_log, _ = test_last_and_best(model, test_loader, last_step, best, folders, tb, opts.original_counting,
+                                     partial(autocast, device, amp_dtype))
+    end_run(folders, tb)
     return test_log
 
 
-def report_test(test_log, step, folders, tb, original_counting):
-    tb.log_scalar_dict(test_log, step, "eval/test_")
-    if dist.is_main_process():
-        write_test_results(folders, step, test_log, counting_name(original_counting))
-        table = format_recall_table(test_log, original_counting)
-        LOGGER.info("test split after %d steps:\n%s", step, table)
-        print(table)
+def train_or_stop(train_step, folders, tb, start_step, opts, validate_at, best):
+    """train(); a run a signal stopped ends here, with its exit status, after its one line."""
+    try:
+        return train(train_step, folders.ckpt, start_step=start_step, num_train_steps=opts.num_train_steps,
+                     valid_steps=opts.valid_steps, validate=validate_at, tb=tb, best=best)
+    except Interrupted as stopped:
+        report_interrupted(stopped, sys.argv)  # first: under a launcher, the ranks that leave first end the rest
+        end_run(folders, tb)
+        sys.exit(stopped.exit_status)
+
+
+def end_run(folders, tb):
+    tb.close()
+    draw_curves_at_end(folders)
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 move to the device ahead of use (a side CUDA stream on GPU; as-is on CPU)."""
 import collections
 import itertools
+import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -95,7 +96,14 @@ def make_loader(dataset, collate_fn, n_workers, pin_memory=False, worker_type="t
     # a private generator: a pass must not draw from the global torch RNG (dropout), so
     # that the kind and number of workers changes no number
     return torch.utils.data.DataLoader(dataset, batch_size=1, sampler=keys, num_workers=n_workers,
-                                       pin_memory=pin_memory, collate_fn=collate_fn, generator=torch.Generator())
+                                       pin_memory=pin_memory, collate_fn=collate_fn, generator=torch.Generator(),
+                                       worker_init_fn=_ignore_sigint if n_workers > 0 else None)
+
+
+def _ignore_sigint(worker_id):
+    """A Ctrl-C in a terminal reaches the loader's worker processes too: they leave it to
+    the training process, which stops after its step (engine/interrupts.py) and ends them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class PrefetchLoader:

@@ -46,10 +46,13 @@ def _check_filled(model, state, path, allow_random_init):
     LOGGER.warning("%s; random initialisation kept (--allow_random_init)", detail)
 
 
-def load_model(cls, model_config, checkpoint, allow_random_init=False, **kwargs):
+def load_model(cls, model_config, checkpoint, allow_random_init=False, resuming=False, **kwargs):
     """(model, its checkpoint's state dict): ``cls`` built from a checked model config and
-    filled from ``checkpoint`` (None: random initialisation, as asked)."""
+    filled from ``checkpoint`` (None: random initialisation, as asked). ``resuming``: the
+    weights will come from the run's own checkpoint; ``checkpoint`` is not read."""
     config = read_model_config(model_config)
+    if resuming:
+        return cls(config, **kwargs), {}
     state = load_model_state(checkpoint) if checkpoint else {}
     model = cls.from_pretrained(config, state, **kwargs)
     if checkpoint:

@@ -7,8 +7,8 @@ from tqdm import tqdm
 from model import scoring_mode
 from utils.distributed import all_gather_object, all_gather_rows, is_main_process
 from utils.logger import LOGGER
-from utils.retrieval_metrics import (KS, format_recall_table, gt_image_index, recall_means, retrieval_metrics,
-                                     text_query_ranks)
+from utils.retrieval_metrics import (KS, RECALL_KEYS, format_recall_table, gt_image_index, recall_means,
+                                     retrieval_metrics, text_query_ranks)
 
 
 @torch.no_grad()
@@ -91,9 +91,17 @@ def validate(model, val_loader):
     totals = all_gather_object((n, hits.tolist()))
     n = sum(t[0] for t in totals)
     hits = [sum(t[1][j] for t in totals) / max(n, 1) for j in range(len(KS))]
-    log = {"valid/ex_per_s": n / (time() - st), **{f"valid/recall_{k}": hit for k, hit in zip(KS, hits)}}
+    log = {"valid/ex_per_s": n / (time() - st), **{f"valid/recall_{k}": hit for k, hit in zip(KS, hits)},
+           "valid/recall_mean": sum(hits) / len(hits)}
     LOGGER.info("validation: %s", ", ".join(f"recall_{k} {hit * 100:.2f}" for k, hit in zip(KS, hits)))
     return log
+
+
+def validation_scalar_names(full):
+    """The scalars :func:`validation_scalars` gives, in its order."""
+    if full:
+        return [f"valid/{k}" for k in recall_means({key: 0.0 for key in RECALL_KEYS})]
+    return ["valid/ex_per_s"] + [f"valid/recall_{k}" for k in KS] + ["valid/recall_mean"]
 
 
 def validation_scalars(model, loader, step, full, original_counting=False):

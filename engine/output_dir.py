@@ -2,7 +2,7 @@
 
     output_dir/log/       log.txt, hps.json, model.json, TensorBoard events
     output_dir/ckpt/      model_step_{N}.pt, train_state_{N}.pt
-    output_dir/results_test/results_{N}.json
+    output_dir/results_test/results_{N}.json, best.json
 """
 import os
 from dataclasses import dataclass
@@ -102,3 +102,8 @@ def make_run_folders(output_dir, resumed, hps, model_config):
 
 def write_test_results(folders, step, log, counting):
     write_recall_log(join(folders.results, f"results_{step}.json"), log, counting)
+
+
+def write_best_test_results(folders, record, log, counting):
+    """results_test/best.json: the test split with ckpt/best.pt, ``record`` its step, metric and value."""
+    write_recall_log(join(folders.results, "best.json"), {**record, **log}, counting)

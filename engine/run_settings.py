@@ -56,6 +56,8 @@ FREE = {
     "valid_steps": "when to validate and checkpoint: validation draws no random numbers and changes no weight, "
                    "so the steps between stay the same; only where the checkpoints fall moves",
     "full_val": "which validation numbers are logged",
+    "best_metric": "which validation keeps ckpt/best.pt, not what is trained; a best.json of another metric "
+                   "is chosen afresh from the next validation",
     "inf_minibatch_size": "how many images validation and evaluation score at once (and the quick validation's "
                           "candidates): what is measured, not what is trained",
     "original_counting": "how test recall is counted (results_N.json names the counting)",

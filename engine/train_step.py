@@ -7,7 +7,7 @@ variant) and a text-side one (one caption against its image and the hardest othe
 the text's, the linguistic variant). Gradients are accumulated over all of them, averaged
 over processes, unscaled, clipped, and applied unless they are not finite.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -71,6 +71,7 @@ class StepReport:
     applied: bool  # False: gradients were not finite and the update was skipped
     skipped_in_a_row: int  # updates skipped in a row, this one included
     stop: TrainingError = None  # set when too many updates in a row were skipped
+    weights: dict = field(default_factory=dict)  # {"weight/<objective>": its weight at this step}
 
 
 class NonFinitePolicy:
@@ -122,9 +123,13 @@ class TrainStep:
         terms, rows = self.accumulate(step)
         lr = self.lr_at(step + 1)
         grad_norm, finite, stop = self.update(step + 1, lr)
-        micro_losses = read_terms(terms)  # the update above has waited for the device already
+        weights = {f"weight/{o.name}": torch.as_tensor(o.weight(step, self.num_train_steps), dtype=torch.float32,
+                                                       device=self.device) for o in self.objectives}
+        # the update above has waited for the device already; the weights come in the same read
+        *micro_losses, weights = read_terms(terms + [weights])
         return StepReport(lr=lr, loss=sum(m["loss"] for m in micro_losses), micro_losses=micro_losses, rows=rows,
-                          grad_norm=grad_norm, applied=finite, skipped_in_a_row=self.non_finite.skipped, stop=stop)
+                          grad_norm=grad_norm, applied=finite, skipped_in_a_row=self.non_finite.skipped, stop=stop,
+                          weights=weights)
 
     def accumulate(self, step):
         """Forward and backward of every hard batch; gradients add up in .grad.

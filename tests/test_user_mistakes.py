@@ -447,7 +447,7 @@ def test_resume_with_a_state_of_another_optimiser(tmp_path, monkeypatch, capsys)
                                                    "--num_train_steps", "4", "--resume_with_changes"],
                       monkeypatch, capsys)
     assert_one_line(code, err, "train_state_2.pt does not fit this run", "KeyError")
-    assert sorted(os.listdir(out / "ckpt")) == ["model_step_2.pt", "train_state_2.pt"]
+    assert sorted(os.listdir(out / "ckpt")) == ["best.json", "best.pt", "model_step_2.pt", "train_state_2.pt"]
 
 
 # ----------------------------------------------------------------------------- data-level cases

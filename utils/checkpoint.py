@@ -85,13 +85,16 @@ def check_finite(state_dict, path):
             raise CheckpointError(f"refusing to write {path}: {key} holds non-finite values")
 
 
+def save_weights(state_dict, path):
+    """A plain state dict (finite, checked) to ``path``, atomically: the format of model_step_N.pt."""
+    check_finite(state_dict, path)
+    atomic_save(state_dict, path)
+    return path
+
+
 def save_model(model, ckpt_dir, tag):
     """ckpt/model_step_{tag}.pt: a plain state dict with the original's keys."""
-    path = join(ckpt_dir, f"model_step_{tag}.pt")
-    state = state_dict_on_cpu(model)
-    check_finite(state, path)
-    atomic_save(state, path)
-    return path
+    return save_weights(state_dict_on_cpu(model), join(ckpt_dir, f"model_step_{tag}.pt"))
 
 
 def save_training_state(ckpt_dir, step, state):

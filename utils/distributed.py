@@ -122,13 +122,14 @@ def broadcast_parameters(module, root=0):
             torch.distributed.broadcast(tensor, src=root)
 
 
-def all_reduce_mean(tensors):
-    """Average tensors (gradients) over ranks, in place, as one flat buffer."""
+def all_reduce_mean(tensors, name="grads"):
+    """Average tensors (gradients) over ranks, in place, as one flat buffer (``name``: horovod's
+    name of the collective)."""
     if _backend is None or not tensors:
         return
     flat = torch.cat([t.reshape(-1) for t in tensors])
     if _backend == "horovod":
-        flat = _hvd.allreduce(flat, op=_hvd.Average, name="grads")
+        flat = _hvd.allreduce(flat, op=_hvd.Average, name=name)
     else:
         torch.distributed.all_reduce(flat)
         flat /= get_world_size()

@@ -1,6 +1,11 @@
-"""Text log (stderr + log/log.txt), TensorBoard scalars and running averages."""
+"""Text log (stderr + log/log.txt), TensorBoard scalars (also in log/metrics.jsonl) and
+running averages."""
+import json
 import logging
 import math
+import os
+
+from .curves import METRICS_NAME
 
 LOGGER = logging.getLogger("iais")
 _FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
@@ -20,17 +25,26 @@ def add_log_to_file(path):
 
 
 class TensorBoardLogger:
-    """Scalars to TensorBoard on the main process; does nothing elsewhere."""
+    """Scalars to TensorBoard and to ``log_dir``/metrics.jsonl (one JSON object
+    ``{"step", "name", "value"}`` a line, ``value`` null where not finite; appended to by a
+    resumed run, flushed at every scalar so that a crash keeps what was logged) on the
+    main process (``log_dir`` given); does nothing elsewhere."""
 
     def __init__(self, log_dir=None):
-        self.writer = None
+        self.writer = self.jsonl = None
         if log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir)
+            self.jsonl = open(os.path.join(log_dir, METRICS_NAME), "a", encoding="utf-8")
 
     def add_scalar(self, key, value, step):
-        if self.writer is not None:
-            self.writer.add_scalar(key, float(value), step)
+        if self.writer is None:
+            return
+        value = float(value)
+        self.writer.add_scalar(key, value, step)
+        entry = {"step": int(step), "name": key, "value": value if math.isfinite(value) else None}
+        self.jsonl.write(json.dumps(entry) + "\n")
+        self.jsonl.flush()
 
     def log_scalar_dict(self, values, step, prefix=""):
         for key, value in values.items():
@@ -39,6 +53,8 @@ class TensorBoardLogger:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+            self.jsonl.close()
+            self.writer = self.jsonl = None
 
 
 class RunningMeter:
