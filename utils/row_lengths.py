@@ -6,6 +6,7 @@ The datasets know every caption's and image's length when they build a batch, an
 masks (one read) only for a batch that comes without one.
 """
 from dataclasses import dataclass
+from operator import add
 
 
 @dataclass(frozen=True)
@@ -26,17 +27,15 @@ class RowLengths:
         ``num_bbs`` per row, in the padded layout (text padded to its longest, then boxes)
         or the compact one (each row's text then its boxes); IAIS masks of ``mask_rows``
         (a slice of the rows) when given."""
-        txt_lens, num_bbs = [int(t) for t in txt_lens], [int(b) for b in num_bbs]
+        # C-level passes only: the datasets build this for every batch, some of 400+ rows
+        attended = tuple(map(add, txt_lens, num_bbs))
         max_tl = max(txt_lens)
-        if padded:
-            text_unmasked = all(t == max_tl for t in txt_lens)
-        else:
-            text_unmasked = all(t + b >= max_tl for t, b in zip(txt_lens, num_bbs))
+        text_unmasked = min(txt_lens) == max_tl if padded else min(attended) >= max_tl
         words = boxes = ()
         if mask_rows is not None:
             words = tuple(max(t - 2, 0) for t in txt_lens[mask_rows])
             boxes = tuple(num_bbs[mask_rows])
-        return cls(tuple(t + b for t, b in zip(txt_lens, num_bbs)), text_unmasked, words, boxes)
+        return cls(attended, text_unmasked, words, boxes)
 
     @classmethod
     def of_masks(cls, attn_masks, text_len, txt_attn_masks=None, img_attn_masks=None):
