@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from engine.evaluation import scored_rows
+from engine.run_settings import read_resume_record
 from utils import distributed as dist
 from utils.checkpoint import atomic_save
 from utils.config import ConfigError, load_json
@@ -110,18 +111,9 @@ def refuse_unfinished(output_dir, resume, overwrite):
 
 
 def _read_manifest(path):
-    remedy = (f"it records the settings the shards were scored with, which --resume compares: restore it, "
-              f"or remove {os.path.dirname(path)} (or pass --overwrite without --resume) to start afresh")
-    if not exists(path):
-        raise ConfigError(f"--resume: {path} is missing; {remedy}")
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: {path} is unreadable ({first_line(e)}); {remedy}") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"--resume: {path} holds {type(value).__name__}, not a JSON object; {remedy}")
-    return value
+    return read_resume_record(path, f"it records the settings the shards were scored with, which --resume compares: "
+                                    f"restore it, or remove {os.path.dirname(path)} (or pass --overwrite without "
+                                    f"--resume) to start afresh")
 
 
 def prepare_shards(output_dir, current, resume, overwrite):

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from utils.config import ConfigError, load_json
 from utils.logger import LOGGER
+from utils.outputs import first_line
 
 ACCEPT_FLAG = "--resume_with_changes"
 HISTORY_NAME = "hps_history.jsonl"
@@ -93,17 +94,16 @@ def run_record(options, world_size):
     return {**options, "world_size": world_size}
 
 
-def _read_json(path, what):
-    """A JSON object, or one line that says why not and what to do."""
-    remedy = (f"it records the {what} the run was trained with, which --resume compares: restore it, "
-              f"or train afresh in a new output_dir")
+def read_resume_record(path, remedy):
+    """The JSON object a --resume compares its settings with, or one line that says why
+    not and, with ``remedy``, what to do."""
     if not os.path.exists(path):
         raise ConfigError(f"--resume: {path} is missing; {remedy}")
     try:
         with open(path) as f:
             value = json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--resume: {path} is unreadable ({' '.join(str(e).split())[:120]}); {remedy}") from None
+        raise ConfigError(f"--resume: {path} is unreadable ({first_line(e)}); {remedy}") from None
     if not isinstance(value, dict):
         raise ConfigError(f"--resume: {path} holds {type(value).__name__}, not a JSON object; {remedy}")
     return value
@@ -111,7 +111,10 @@ def _read_json(path, what):
 
 def read_record(log_dir):
     """(options, model config) a run recorded in ``log_dir``."""
-    return _read_json(join(log_dir, "hps.json"), "settings"), _read_json(join(log_dir, "model.json"), "model config")
+    def read(name, what):
+        return read_resume_record(join(log_dir, name), f"it records the {what} the run was trained with, which "
+                                                       f"--resume compares: restore it, or train afresh in a new output_dir")
+    return read("hps.json", "settings"), read("model.json", "model config")
 
 
 def _comparable(key, value):
