@@ -67,6 +67,8 @@ def build_parser():
     a("--margin", type=float, default=0.2, valid=NON_NEGATIVE, help="margin of the ranking loss")
     a("--learning_rate", type=float, default=3e-5, valid=Range(0, low_open=True), help="peak learning rate")
     a("--valid_steps", type=int, default=1000, valid=POSITIVE, help="validate and checkpoint every N optimizer steps")
+    a("--save_steps", type=int, default=None, valid=POSITIVE,
+      help="also checkpoint (without validating) every N optimizer steps; default: only at validations")
     a("--num_train_steps", type=int, default=100000, valid=POSITIVE, help="optimizer steps in all")
     a("--optim", default="adam", choices=["adam", "adamax", "adamw"], help="optimizer")
     a("--betas", type=float, nargs="+", default=[0.9, 0.98], valid=PROBABILITY, help="Adam betas")
@@ -278,7 +280,7 @@ def train_or_stop(train_step, folders, tb, start_step, opts, validate_at, best):
     """train(); a run a signal stopped ends here, with its exit status, after its one line."""
     try:
         return train(train_step, folders.ckpt, start_step=start_step, num_train_steps=opts.num_train_steps,
-                     valid_steps=opts.valid_steps, validate=validate_at, tb=tb, best=best)
+                     valid_steps=opts.valid_steps, save_steps=opts.save_steps, validate=validate_at, tb=tb, best=best)
     except Interrupted as stopped:
         report_interrupted(stopped, sys.argv)  # first: under a launcher, the ranks that leave first end the rest
         end_run(folders, tb)

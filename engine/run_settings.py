@@ -56,6 +56,7 @@ FREE = {
     "pin_mem": "how batches are copied, not what they hold",
     "valid_steps": "when to validate and checkpoint: validation draws no random numbers and changes no weight, "
                    "so the steps between stay the same; only where the checkpoints fall moves",
+    "save_steps": "where the checkpoints between validations fall: saving draws no random numbers",
     "full_val": "which validation numbers are logged",
     "best_metric": "which validation keeps ckpt/best.pt, not what is trained; a best.json of another metric "
                    "is chosen afresh from the next validation",

@@ -25,10 +25,12 @@ def log_step(tb, step, report, meters, ex_per_s):
             tb.add_scalar(name, meter.val, step)
 
 
-def train(train_step, ckpt_dir, *, start_step, num_train_steps, valid_steps, validate, tb, best=None):
+def train(train_step, ckpt_dir, *, start_step, num_train_steps, valid_steps, validate, tb, best=None,
+          save_steps=None):
     """Steps ``start_step + 1 .. num_train_steps`` of ``train_step`` (an
     engine.train_step.TrainStep); ``validate(step)`` gives the scalars logged before each
-    checkpoint of the training state, and ``best`` (an engine.best.BestCheckpoint) keeps the
+    checkpoint of the training state (also written every ``save_steps``, without a
+    validation), and ``best`` (an engine.best.BestCheckpoint) keeps the
     best weights by them. -> the last step. A SIGINT or SIGTERM stops the run after the step
     it came in, with a checkpoint at that step: engine.interrupts.Interrupted is raised."""
     state = train_step.state
@@ -55,6 +57,9 @@ def train(train_step, ckpt_dir, *, start_step, num_train_steps, valid_steps, val
             saved = step % valid_steps == 0 or step == num_train_steps
             if saved:
                 validate_and_save(state, ckpt_dir, step, validate, tb, best)
+            elif save_steps and step % save_steps == 0:
+                save_checkpoint(state, ckpt_dir, step)
+                saved = True
             signum = stops.agreed()
             if signum is not None:
                 pbar.close()

@@ -1,0 +1,112 @@
+"""Winoground scores of checkpoints on the twin groups of a split, scoring only each group's
+four pairs (not every text against every image).
+
+    python scripts/group_scores.py --txt_db demo/txt_db/itm_demo_test.db --img_db demo/img_db/demo \\
+        --groups demo/annotations/groups_test.json --model_config config/uniter-demo.json \\
+        --checkpoints demo/output/ckpt/model_step_*.pt --output demo/output/group_scores.json
+
+Writes OUTPUT (JSON): the groups file and, per checkpoint in step order, a point
+{step, checkpoint, own_vs_twin, text, image, group, n} (fractions; ``step`` is N of
+model_step_N.pt, null for another name). The same numbers as scripts/retrieval_metrics.py
+--groups on inf_itm.py's full score matrix, up to floating-point differences of the
+batch's padding (ties aside: they fail either way). A groups file is a JSON list of
+{caption_0, caption_1, image_0, image_1} (text and image ids of the split).
+"""
+import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import re
+from os.path import basename
+
+import torch
+
+from data import ItmValDataset, TxtTokLmdb, open_img_db
+from engine.checks import check_split, load_model
+from model import IMG_DIM, UniterForImageTextRetrieval, scoring_mode
+from utils.cli import run
+from utils.config import ConfigError, add_box_args, load_json, make_parser
+from utils.outputs import refuse_overwriting_inputs, refuse_unwritable, write_json
+from utils.retrieval_metrics import GROUP_KEYS, group_indices, winoground_scores
+
+
+def build_parser():
+    p = make_parser(__doc__.split("\n")[0])
+    a = p.add_argument
+    a("--txt_db", required=True, help="text DB of the split the groups come from")
+    a("--img_db", required=True, help="image DB of the split")
+    a("--groups", required=True, help="groups file: a JSON list of {caption_0, caption_1, image_0, image_1}")
+    a("--model_config", required=True, help="model config JSON")
+    a("--checkpoints", nargs="+", required=True, help="model weights (model_step_N.pt), one or more")
+    a("--output", required=True, help="JSON file of the scores per checkpoint")
+    a("--allow_random_init", action="store_true",
+      help="accept a checkpoint that leaves part of the model at random initialisation")
+    add_box_args(p)
+    return p
+
+
+def step_of(path):
+    """N of model_step_N.pt, None for another name."""
+    m = re.fullmatch(r"model_step_(\d+)\.pt", basename(path))
+    return int(m.group(1)) if m else None
+
+
+def group_pairs(groups_path, dataset):
+    """(caption ids, image ids) that the groups name, each once, in order of first use;
+    an id the split lacks is one line naming the group."""
+    groups = load_json(groups_path, "groups file")
+    captions, images = {}, {}
+    position = {t: i for i, t in enumerate(dataset.ids)}
+    for n, group in enumerate(groups if isinstance(groups, list) else []):
+        for key, kind in GROUP_KEYS.items():
+            value = group.get(key) if isinstance(group, dict) else None
+            if kind == "txt" and value in position:
+                captions.setdefault(value, None)
+            elif kind == "img" and value in dataset.img2txts:
+                images.setdefault(value, None)
+    # group_indices() checks the file's shape and names what is missing
+    rows, cols = group_indices(groups_path, list(captions), list(images))
+    return list(captions), list(images), rows, cols
+
+
+@torch.no_grad()
+def pair_scores(model, dataset, captions, images, rows, cols):
+    """[captions x images] scores, NaN except at the groups' pairs (each caption with the two
+    images of its group)."""
+    scores = torch.full((len(captions), len(images)), float("nan"))
+    index = {t: i for i, t in enumerate(dataset.ids)}
+    with scoring_mode(model):
+        for group_rows, group_cols in zip(rows.tolist(), cols.tolist()):
+            img_ids = [images[j] for j in group_cols]
+            for r in group_rows:
+                s = model(dataset.get_batch(index[captions[r]], img_ids), compute_loss=False)[0]
+                scores[r, group_cols] = s.squeeze(1).float()
+    return scores
+
+
+def main(opts):
+    refuse_unwritable("--output", opts.output, folder=False)
+    refuse_overwriting_inputs([("--output", opts.output, opts.output)], [("--txt_db", opts.txt_db), ("--img_db", opts.img_db),
+                                        ("--groups", opts.groups), ("--model_config", opts.model_config)]
+                              + [("--checkpoints", c) for c in opts.checkpoints])
+    txt_db = TxtTokLmdb(opts.txt_db, -1)
+    img_db = open_img_db(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
+    dataset = ItmValDataset(txt_db, img_db, 2, setting="group pairs")
+    captions, images, rows, cols = group_pairs(opts.groups, dataset)
+    checkpoints = sorted(opts.checkpoints, key=lambda c: (step_of(c) is None, step_of(c) or 0, c))
+    points = []
+    for checkpoint in checkpoints:
+        model, _ = load_model(UniterForImageTextRetrieval, opts.model_config, checkpoint, opts.allow_random_init,
+                              img_dim=IMG_DIM, pairs_num=1)
+        if not points:
+            check_split(txt_db, img_db, model.config, IMG_DIM)
+        scores = pair_scores(model.eval(), dataset, captions, images, rows, cols)
+        if not torch.isfinite(scores[rows[:, :, None], cols[:, None, :]]).all():
+            raise ConfigError(f"{checkpoint}: the model gives non-finite scores on the groups of {opts.groups}")
+        points.append({"step": step_of(checkpoint), "checkpoint": checkpoint,
+                       **winoground_scores(scores, rows, cols)})
+        print(f"{checkpoint}: " + ", ".join(f"{k} {100 * points[-1][k]:.1f}"
+                                            for k in ("own_vs_twin", "text", "image", "group")))
+    write_json(opts.output, {"groups_file": opts.groups, "txt_db": opts.txt_db, "img_db": opts.img_db,
+                             "points": points}, indent=2)
+
+
+if __name__ == "__main__":
+    run(main, build_parser())
