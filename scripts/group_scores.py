@@ -48,22 +48,24 @@ def step_of(path):
     return int(m.group(1)) if m else None
 
 
-def group_pairs(groups_path, dataset):
-    """(caption ids, image ids) that the groups name, each once, in order of first use;
-    an id the split lacks is one line naming the group."""
+def group_pairs(groups_path, dataset, txt_db_path):
+    """(caption ids, image ids, caption rows, image columns) of the groups, each id once,
+    in order of first use; an id the split lacks is one line naming the group."""
     groups = load_json(groups_path, "groups file")
-    captions, images = {}, {}
-    position = {t: i for i, t in enumerate(dataset.ids)}
+    ids = {"txt": {t: None for t in dataset.ids}, "img": dataset.img2txts}
+    used = {"txt": {}, "img": {}}
     for n, group in enumerate(groups if isinstance(groups, list) else []):
         for key, kind in GROUP_KEYS.items():
             value = group.get(key) if isinstance(group, dict) else None
-            if kind == "txt" and value in position:
-                captions.setdefault(value, None)
-            elif kind == "img" and value in dataset.img2txts:
-                images.setdefault(value, None)
-    # group_indices() checks the file's shape and names what is missing
-    rows, cols = group_indices(groups_path, list(captions), list(images))
-    return list(captions), list(images), rows, cols
+            if isinstance(value, str) and value not in ids[kind]:
+                what = "a text" if kind == "txt" else "an image"
+                raise ConfigError(f"{groups_path}: group {n}: {key} {value!r} is not {what} of {txt_db_path}; "
+                                  f"give the groups of the split it names")
+            used[kind].setdefault(value, None)
+    captions, images = list(used["txt"]), list(used["img"])
+    # group_indices() checks the file's shape: a list of objects with the four keys
+    rows, cols = group_indices(groups_path, captions, images)
+    return captions, images, rows, cols
 
 
 @torch.no_grad()
@@ -83,13 +85,13 @@ def pair_scores(model, dataset, captions, images, rows, cols):
 
 def main(opts):
     refuse_unwritable("--output", opts.output, folder=False)
-    refuse_overwriting_inputs([("--output", opts.output, opts.output)], [("--txt_db", opts.txt_db), ("--img_db", opts.img_db),
-                                        ("--groups", opts.groups), ("--model_config", opts.model_config)]
-                              + [("--checkpoints", c) for c in opts.checkpoints])
+    inputs = [("--txt_db", opts.txt_db), ("--img_db", opts.img_db), ("--groups", opts.groups),
+              ("--model_config", opts.model_config)] + [("--checkpoints", c) for c in opts.checkpoints]
+    refuse_overwriting_inputs([("--output", opts.output, opts.output)], inputs)
     txt_db = TxtTokLmdb(opts.txt_db, -1)
     img_db = open_img_db(opts.img_db, opts.conf_th, opts.max_bb, opts.min_bb, opts.num_bb, opts.compressed_db)
     dataset = ItmValDataset(txt_db, img_db, 2, setting="group pairs")
-    captions, images, rows, cols = group_pairs(opts.groups, dataset)
+    captions, images, rows, cols = group_pairs(opts.groups, dataset, opts.txt_db)
     checkpoints = sorted(opts.checkpoints, key=lambda c: (step_of(c) is None, step_of(c) or 0, c))
     points = []
     for checkpoint in checkpoints:

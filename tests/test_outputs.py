@@ -111,6 +111,11 @@ def split_argv(**flags):
     return [x for kv in args.items() for x in kv]
 
 
+def group_argv(tmp_path):
+    return ["--txt_db", TXT_DB, "--img_db", IMG_DB, "--checkpoints", REF_MODEL, "--model_config", TINY_CONFIG,
+            "--groups", str(tmp_path / "groups.json")]
+
+
 def _copy(src, dst):
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(open(src, "rb").read())
@@ -138,6 +143,8 @@ SAME_FILE_CASES = [
     ("scripts.visualize_attention", "m.json",
      lambda t: split_argv(**{"--model_config": str(_copy(TINY_CONFIG, t / "m.json"))})
      + ["--txt_id", "x", "--output", str(t / "m.json")]),
+    ("scripts.group_scores", "g.json",
+     lambda t: group_argv(t)[:-2] + ["--groups", str(_write(t / "g.json", "[]")), "--output", str(t / "g.json")]),
     ("scripts.prepro_winoground", "o/winoground_groups.json",
      lambda t: ["--examples", str(_write(t / "o" / "winoground_groups.json", "{}")), "--vocab", str(t / "v.txt"),
                 "--output", str(t / "o")]),
@@ -332,6 +339,7 @@ TOOLS = {
     "scripts.retrieval_metrics": (False, lambda t, o: [str(score_file(t / "S.pt")), "--output", o]),
     "scripts.isd": (True, lambda t, o: split_argv() + ["--output", o]),
     "scripts.visualize_attention": (False, lambda t, o: split_argv() + ["--txt_id", "x", "--output", o]),
+    "scripts.group_scores": (False, lambda t, o: group_argv(t) + ["--output", o]),
     "scripts.convert_imgdir": (True, lambda t, o: ["--img_dir", t, "--output", o]),
     "scripts.prepro_itm": (True, lambda t, o: ["--annotation", t / "file", "--vocab", t / "file", "--output", o]),
     "scripts.prepro_winoground": (True, lambda t, o: ["--examples", t / "e", "--vocab", t / "v", "--output", o]),
