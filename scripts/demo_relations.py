@@ -22,9 +22,10 @@ resampled within each arm) of the difference in area under the mean group-score 
 Finished runs in OUTPUT are kept and not run again, so a comparison stopped half-way
 continues where it stopped; ``--report_only`` reports on the finished runs without
 running any. Writes OUTPUT/relations.json (every run with its curve, per arm the end
-points, the tests, the power of the design, the wall time), OUTPUT/relations.png (mean
-group-score curves with 95% bands and every run, beside Kaplan-Meier curves of steps to
-learn) and prints the tables.
+points, the tests, the power of the design, the wall time of every sitting, also kept in
+OUTPUT/sittings.jsonl), OUTPUT/relations.png (mean group-score curves with 95% bands and
+every run, beside Kaplan-Meier curves of steps to learn), OUTPUT/pooled.{md,tex,csv,json}
+(scripts/compare_runs.py on the last weights, runs pooled per arm) and prints the tables.
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
@@ -58,7 +59,7 @@ FAIR, PRIMARY = "baseline (fixed masks)", "IAIS singular"
 TWIN_METRICS = ("own_vs_twin", "text", "image", "group")
 METRICS = TWIN_METRICS + ("img_r1", "txt_r1")
 LEARNED = 0.5  # a run has learned the relations once its group score exceeds this
-CURVE, DONE = "curve.json", "run_time.json"
+CURVE, DONE, SITTINGS = "curve.json", "run_time.json", "sittings.jsonl"
 
 
 def twin_outcomes(path, groups_path):
@@ -260,8 +261,40 @@ def draw(path, by_arm):
     plt.close(fig)
 
 
-def report(output, groups_path, plan, n_boot, sitting_seconds):
-    """relations.json and relations.png from the finished runs of ``plan``; prints the tables."""
+def record_sitting(output, start, runs_done):
+    """One line of OUTPUT/sittings.jsonl per call that ran runs: when, how long, how many."""
+    os.makedirs(output, exist_ok=True)
+    with open(join(output, SITTINGS), "a") as f:
+        f.write(json.dumps({"start": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(start)),
+                            "seconds": time.time() - start, "runs_done": runs_done}) + "\n")
+
+
+def sittings(output):
+    path = join(output, SITTINGS)
+    if not exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def pooled_tables(output, groups_path, finished):
+    """OUTPUT/pooled.{md,tex,csv,json}: scripts/compare_runs.py on the last weights' score
+    matrices, runs pooled per arm (differences paired by seed)."""
+    arms = []
+    for name in VARIANTS:
+        matrices = [join(run_folder(output, n, s), "eval", "score_matrix.pt") for n, s in finished if n == name]
+        if matrices:
+            arms += ["--arm", name, *matrices]
+    res = subprocess.run([sys.executable, "scripts/compare_runs.py", *arms, "--groups", groups_path, "--output",
+                          join(output, "pooled")], cwd=ROOT, capture_output=True, text=True, env=child_env())
+    if res.returncode:
+        raise SystemExit(f"demo_relations.py: error: compare_runs.py failed: "
+                         f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
+def report(output, groups_path, plan, n_boot):
+    """relations.json, relations.png and pooled.* from the finished runs of ``plan``;
+    prints the tables."""
     finished = [(name, seed) for name, seed in plan if is_finished(run_folder(output, name, seed))]
     outcomes, records = {}, {}
     for name, seed in finished:
@@ -290,12 +323,14 @@ def report(output, groups_path, plan, n_boot, sitting_seconds):
             results["power"] = design_power(len(by_arm[PRIMARY]), len(by_arm[FAIR]),
                                             results["variants"][FAIR]["learned"] / len(by_arm[FAIR]), events)
     seconds = [r["seconds"] for r in records.values()]
+    done = sittings(output)
     results["wall_time"] = {"runs": len(seconds), "run_seconds_total": float(sum(seconds)),
                             "run_seconds_mean": float(np.mean(seconds)) if seconds else None,
-                            "this_sitting_seconds": sitting_seconds}
+                            "sittings": done, "wall_seconds_total": float(sum(d["seconds"] for d in done))}
     write_json(join(output, "relations.json"), results, indent=2, default=float)
     if by_arm:
         draw(join(output, "relations.png"), by_arm)
+        pooled_tables(output, groups_path, finished)
     print_tables(results)
     return results
 
@@ -322,7 +357,8 @@ def print_tables(results):
               f"with {pw['logrank_events']} events, a hazard ratio of "
               f"{'n/a' if hr is None else f'{hr:.2f}'}")
     wt = results["wall_time"]
-    print(f"wall time: {wt['runs']} runs, {wt['run_seconds_total'] / 3600:.2f} h of run time in all")
+    print(f"wall time: {wt['runs']} runs, {wt['run_seconds_total'] / 3600:.2f} h of run time in all; "
+          f"{wt['wall_seconds_total'] / 3600:.2f} h over {len(wt['sittings'])} sitting(s)")
 
 
 def main():
@@ -349,12 +385,16 @@ def main():
                          f"scripts/make_demo_data.py --output {opts.demo}")
     start = time.time()
     plan = planned_runs(opts.variants, opts.seeds, opts.primary_seeds)
-    if not opts.report_only:
-        with ThreadPoolExecutor(opts.parallel) as pool:
-            for f in [pool.submit(run_one, opts.demo, run_folder(opts.output, name, seed), VARIANTS[name][1], seed,
-                                  opts.steps, opts.eval_every, print) for name, seed in plan]:
-                f.result()
-    report(opts.output, groups_path, plan, opts.bootstrap, time.time() - start)
+    todo = [(name, seed) for name, seed in plan if not is_finished(run_folder(opts.output, name, seed))]
+    if todo and not opts.report_only:
+        try:
+            with ThreadPoolExecutor(opts.parallel) as pool:
+                for f in [pool.submit(run_one, opts.demo, run_folder(opts.output, name, seed), VARIANTS[name][1],
+                                      seed, opts.steps, opts.eval_every, print) for name, seed in todo]:
+                    f.result()
+        finally:
+            record_sitting(opts.output, start, sum(is_finished(run_folder(opts.output, n, s)) for n, s in todo))
+    report(opts.output, groups_path, plan, opts.bootstrap)
 
 
 if __name__ == "__main__":

@@ -129,6 +129,9 @@ def test_relations_comparison_end_to_end(tmp_path):
     assert tests["fisher"]["n_a"] == tests["fisher"]["n_b"] == 2
     assert "fisher_smallest_share_learned" in results["power"]
     assert (out / "relations.png").stat().st_size > 10_000
+    pooled = json.loads((out / "pooled.json").read_text())
+    assert "IAIS singular" in json.dumps(pooled) and (out / "pooled.md").exists()
+    assert [s["runs_done"] for s in results["wall_time"]["sittings"]] == [4]
 
     # finished runs are kept: a second call runs nothing and reports the same
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/run_time.json")}
@@ -136,7 +139,7 @@ def test_relations_comparison_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/run_time.json")} == stamps
     again = json.loads((out / "relations.json").read_text())
-    assert again["runs"] == results["runs"]
+    assert again["runs"] == results["runs"] and len(again["wall_time"]["sittings"]) == 1
 
     # a run alone, serially, is the same run as beside another
     serial = tmp_path / "serial"
