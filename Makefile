@@ -33,7 +33,7 @@ endif
 DEMO_DIR ?= demo
 DEMO_OUT ?= $(DEMO_DIR)/output
 
-.PHONY: demo test bench bench-threads gpu-check wheels venv dev horovod lock clean-demo
+.PHONY: demo relations test bench bench-threads gpu-check wheels venv dev horovod lock clean-demo
 
 # torch is installed on its own (its build depends on the machine), the rest from $(REQUIREMENTS)
 $(VENV)/.runtime: $(REQUIREMENTS)
@@ -94,6 +94,10 @@ demo: $(VENV)/.repo-path $(DEMO_DIR)/train-itm-demo.json
 		--output_dir $(DEMO_OUT)/eval_test --batch_size 100 --n_workers 0
 	$(PY) scripts/retrieval_metrics.py $(DEMO_OUT)/eval_test/score_matrix.pt \
 		--groups $(DEMO_DIR)/annotations/groups_test.json --output $(DEMO_OUT)/eval_test/metrics.json
+
+# hours on 2 cores, at low priority; stopped, it continues where it stopped
+relations: $(VENV)/.repo-path $(DEMO_DIR)/train-itm-demo.json
+	nice -n 10 $(PY) scripts/demo_relations.py --demo $(DEMO_DIR) --output $(DEMO_DIR)/relations
 
 test: $(VENV)/.dev $(VENV)/.horovod $(VENV)/.repo-path
 	$(PY) -m pytest -q tests
