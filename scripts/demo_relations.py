@@ -112,6 +112,14 @@ def is_finished(out):
     return exists(join(out, DONE))
 
 
+def call(args, what, env=None):
+    """Run a program of the repository; its failure ends the comparison with its last line."""
+    res = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, env=env or child_env())
+    if res.returncode:
+        raise SystemExit(f"demo_relations.py: error: {args[0]} failed for {what}: "
+                         f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
+
+
 def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
     """Train (resuming what a stopped comparison left), score the twins at every kept
     checkpoint, evaluate and measure the ISD of the last one; skipped when done before."""
@@ -127,28 +135,22 @@ def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
     split = ["--txt_db", test["txt_db"], "--img_db", test["img_db"], "--model_config", model_config]
     steps_flags = ["--num_train_steps", str(steps), "--valid_steps", str(steps), "--save_steps", str(eval_every)]
 
-    def call(args):
-        res = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, env=env)
-        if res.returncode:
-            raise SystemExit(f"demo_relations.py: error: {args[0]} failed for {out}: "
-                             f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
-
     if not exists(last):
         call(["train_itm_hard_negatives.py", "--config", config, "--output_dir", join(out, "train"), "--resume",
-              "--seed", str(seed)] + steps_flags + variant_flags)
+              "--seed", str(seed)] + steps_flags + variant_flags, out, env)
     if not exists(join(out, CURVE)):
         kept = sorted(glob.glob(join(ckpt_dir, "model_step_*.pt")),
                       key=lambda p: int(re.search(r"(\d+)\.pt$", p).group(1)))
         call(["scripts/group_scores.py", *split, "--groups", join(demo, "annotations", "groups_test.json"),
-              "--checkpoints", *kept, "--output", join(out, CURVE)])
+              "--checkpoints", *kept, "--output", join(out, CURVE)], out, env)
     for path in glob.glob(join(ckpt_dir, "*_[0-9]*.pt")):
         if int(re.search(r"(\d+)\.pt$", path).group(1)) != steps:
             os.remove(path)
     if not exists(join(out, "eval", "score_matrix.pt")):
         call(["inf_itm.py", *split, "--checkpoint", last, "--output_dir", join(out, "eval"), "--batch_size", "100",
-              "--n_workers", "0", "--resume"])
+              "--n_workers", "0", "--resume"], out, env)
     if not exists(join(out, "isd", "isd.json")):
-        call(["scripts/isd.py", *split, "--checkpoint", last, "--output", join(out, "isd")])
+        call(["scripts/isd.py", *split, "--checkpoint", last, "--output", join(out, "isd")], out, env)
     write_json(join(out, DONE), {"seconds": time.time() - start, "steps": steps, "eval_every": eval_every})
     log(f"done: {out} ({time.time() - start:.0f} s)")
 
@@ -285,11 +287,7 @@ def pooled_tables(output, groups_path, finished):
         matrices = [join(run_folder(output, n, s), "eval", "score_matrix.pt") for n, s in finished if n == name]
         if matrices:
             arms += ["--arm", name, *matrices]
-    res = subprocess.run([sys.executable, "scripts/compare_runs.py", *arms, "--groups", groups_path, "--output",
-                          join(output, "pooled")], cwd=ROOT, capture_output=True, text=True, env=child_env())
-    if res.returncode:
-        raise SystemExit(f"demo_relations.py: error: compare_runs.py failed: "
-                         f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
+    call(["scripts/compare_runs.py", *arms, "--groups", groups_path, "--output", join(output, "pooled")], output)
 
 
 def report(output, groups_path, plan, n_boot):
