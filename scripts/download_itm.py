@@ -6,9 +6,11 @@ Standard library only: it runs before anything is installed. A host that refuses
 retried with growing waits, resuming the partial file. Every completed file is appended
 to ``$STORAGE/MANIFEST.sha256`` as ``sha256  size  path`` (path relative to the storage),
 which ``--verify`` checks again."""
-import argparse
-import os
-import sys
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import argparse  # noqa: E402
+import os  # noqa: E402
 
 from scripts.download import DownloadError
 from scripts.download.manifest import MANIFEST, verify

@@ -10,7 +10,10 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import os
 from os.path import abspath, dirname, splitext
 
