@@ -27,6 +27,22 @@ def _encoder_layers(keys):
     return len({k.split(".")[3] for k in keys if k.startswith("uniter.encoder.layer.")})
 
 
+def _prefixed(missing, names):
+    """A note on checkpoint names that are the model's missing ones behind a prefix (e.g.
+    ``module.`` on part of them: a uniform one is removed when the checkpoint is read)."""
+    wanted, hits = set(missing), []
+    for name in names:
+        parts = name.split(".")
+        cut = next((i for i in range(1, len(parts)) if ".".join(parts[i:]) in wanted), None)
+        if cut is not None:
+            hits.append((".".join(parts[:cut]) + ".", name))
+    if not hits:
+        return ""
+    prefix, first = hits[0]
+    count = sum(p == prefix for p, _ in hits)
+    return f"; {count} of its names are the model's behind the prefix {prefix!r} (first: {first})"
+
+
 def _check_filled(model, state, path, allow_random_init):
     """Refuse a checkpoint that leaves part of the UNITER body (embeddings, encoder layers,
     pooler) at random initialisation or holds layers the model does not have."""
@@ -39,7 +55,8 @@ def _check_filled(model, state, path, allow_random_init):
     detail = (f"checkpoint {path} has {_encoder_layers(loaded)} encoder layer(s), the model config "
               f"{_encoder_layers(own)}; {len(missing)} of the model's {len(own)} UNITER tensors are not in it"
               + (f" (first: {missing[0]})" if missing else "")
-              + (f" and {len(unused)} of its tensors fit nowhere (first: {unused[0]})" if unused else ""))
+              + (f" and {len(unused)} of its tensors fit nowhere (first: {unused[0]})" if unused else "")
+              + _prefixed(missing, normalise_checkpoint_keys(state)))
     if not allow_random_init:
         raise CheckpointError(f"{detail}; use the model config the checkpoint was trained with, or pass "
                               f"--allow_random_init if random weights are intended")

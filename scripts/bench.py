@@ -24,7 +24,10 @@ evaluation projected to the release's test sets (scripts/bench_device.py). With
 CPU workloads on the same DBs and weights (scripts/bench_original.py): its rates, the
 ratios to them and the differences of its scores and losses from this code's are added.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import itertools
 import json

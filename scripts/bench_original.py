@@ -11,7 +11,10 @@ modules are imported unchanged from there; what it imports but no longer runs wi
 equivalents, written to a temporary folder. Only its CUDA-free parts are used: the text-
 and image-side hard-negative datasets and UniterForImageTextRetrievalHardNeg.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import importlib.util
 import json

@@ -9,7 +9,10 @@ Runs alternate policy by policy (A B A B) so that drift of the machine falls on 
 them alike. The table printed at the end has one row per policy, one column per load:
 the mean wall time and, in brackets, its ratio to the same policy on the quiet machine.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import os
 import signal

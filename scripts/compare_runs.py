@@ -20,7 +20,10 @@ score matrix, the queries (twin groups) within each resampled seed, the same que
 both arms (otherwise the seeds only), and the exact two-sided sign-flip p-value over seeds.
 Prints a Markdown table; --output PREFIX writes PREFIX.md, .tex, .csv and .json.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import os
 import re
 from dataclasses import dataclass

@@ -6,24 +6,30 @@ Standard library only: it runs before anything is installed. A host that refuses
 retried with growing waits, resuming the partial file. Every completed file is appended
 to ``$STORAGE/MANIFEST.sha256`` as ``sha256  size  path`` (path relative to the storage),
 which ``--verify`` checks again."""
-import argparse
-import os
-import sys
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import argparse  # noqa: E402
+import os  # noqa: E402
 
 from scripts.download import DownloadError
 from scripts.download.manifest import MANIFEST, verify
-from scripts.download.release import (RELEASE_API, SUBSETS, UNITER_HOSTS, VOCAB_URLS, asset_jobs, release_assets,
-                                      uniter_jobs)
-from scripts.download.transfer import Fetcher
+from scripts.download.release import (RELEASE_API, SUBSETS, UNITER_HOSTS, VOCAB_URLS, asset_jobs, release_api,
+                                      release_assets, uniter_hosts, uniter_jobs, vocab_urls)
+from scripts.download.transfer import MAX_WAIT_S, Fetcher
+from utils.environment import EnvironmentVariableError, env_float, env_int
 
 ENVIRONMENT = f"""environment:
   UNITER_BLOB       base URL(s) of the UNITER release, space-separated, tried in order per file
                     (default: {' '.join(UNITER_HOSTS)})
   BERT_VOCAB_URL    URL(s) of bert-base-cased's vocab.txt (default: {' '.join(VOCAB_URLS)})
   IAIS_RELEASE_API  GitHub API URL of the IAIS release (default: {RELEASE_API})
-  RETRIES           tries per host after a dropped connection or a 5xx answer (default: 5)
-  RETRY_WAIT        seconds before the first retry, doubled after each (default: 5)
-  DOWNLOAD_TIMEOUT  seconds without data before a connection counts as dropped (default: 60)"""
+  RETRIES           tries per host after a dropped connection or a 5xx answer, >= 1 (default: 5)
+  RETRY_WAIT        seconds before the first retry, doubled after each (up to {MAX_WAIT_S:g}), in
+                    [0, {MAX_WAIT_S:g}] (default: 5)
+  DOWNLOAD_TIMEOUT  seconds without data before a connection counts as dropped, in (0, {MAX_WAIT_S:g}]
+                    (default: 60)
+URLs are http:// or https://; every variable is checked before anything is fetched."""
 
 
 def dry_run(storage, subsets, timeout):
@@ -31,7 +37,7 @@ def dry_run(storage, subsets, timeout):
         print(job.describe())
     if "iais" not in subsets:
         return
-    api = os.environ.get("IAIS_RELEASE_API", RELEASE_API)
+    api = release_api()
     print(f"list the assets of {api} -> {os.path.join(storage, 'finetune')}")
     try:
         jobs = asset_jobs(storage, release_assets(api, timeout))
@@ -48,21 +54,23 @@ def download(storage, subsets, fetcher):
     for job in uniter_jobs(storage, subsets):
         job.run(fetcher)
     if "iais" in subsets:
-        api = os.environ.get("IAIS_RELEASE_API", RELEASE_API)
+        api = release_api()
         for job in asset_jobs(storage, release_assets(api, fetcher.timeout)):
             job.run(fetcher)
     print(f"done: {storage}")
 
 
-def env_number(name, default, kind):
-    value = os.environ.get(name, "")
-    try:
-        number = kind(value) if value else default
-    except ValueError:
-        number = -1
-    if number < 0 or (kind is int and number < 1):
-        raise DownloadError(f"{name}={value} is not a valid number; unset it or give a positive number")
-    return number
+def read_settings():
+    """(retries, retry wait, timeout) from the environment, whose URLs are checked too:
+    a mistake in any variable is one line before anything is fetched or created."""
+    uniter_hosts(), vocab_urls(), release_api()
+    retries = env_int("RETRIES", 5, low=1, advice="give the number of tries per host (e.g. 5), or unset it")
+    wait = env_float("RETRY_WAIT", 5.0, high=MAX_WAIT_S,
+                     advice="give the seconds before the first retry (e.g. 5), or unset it")
+    timeout = env_float("DOWNLOAD_TIMEOUT", 60.0, high=MAX_WAIT_S, low_open=True,
+                        advice="give the seconds without data before a connection counts as dropped (e.g. 60), "
+                               "or unset it")
+    return retries, wait, timeout
 
 
 def parse_args(argv):
@@ -88,15 +96,14 @@ def main(argv=None):
     subsets = [s for s in SUBSETS if s in (args.only or SUBSETS)]
     storage = os.path.abspath(args.storage)
     try:
-        timeout = env_number("DOWNLOAD_TIMEOUT", 60.0, float)
+        retries, wait, timeout = read_settings()
         if args.verify:
             verify(storage)
         elif args.dry_run:
             dry_run(storage, subsets, timeout)
         else:
-            fetcher = Fetcher(storage, env_number("RETRIES", 5, int), env_number("RETRY_WAIT", 5.0, float), timeout)
-            download(storage, subsets, fetcher)
-    except (DownloadError, OSError) as e:  # OSError: the storage cannot be written
+            download(storage, subsets, Fetcher(storage, retries, wait, timeout))
+    except (DownloadError, EnvironmentVariableError, OSError) as e:  # OSError: the storage cannot be written
         print(f"download_itm.sh: error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -13,7 +13,10 @@ command of a few minutes. Everything goes to OUT/gpu_check.json and OUT/gpu_chec
 Without a GPU it takes the CPU branch: the same steps with the demo-size model, fewer
 steps and no CUDA tests to run (that is how its code path is tested).
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import datetime
 import importlib.util

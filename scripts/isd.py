@@ -11,7 +11,10 @@ phrase-to-box alignments in the style of Flickr30k Entities; word indices count 
 caption's WordPiece tokens from 0 (no [CLS]), box indices the image's regions in img_db
 order (see scripts/examples/isda_annotations.json).
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import json
 import os
 from os.path import join

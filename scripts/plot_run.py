@@ -8,7 +8,10 @@ and the validation scalars (valid/...); the runs overlaid, named in the legend b
 folder. RUN_DIR is a training output_dir or its log/ folder. Training draws the same
 picture of itself as log/curves.png when it ends.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import os
 from os.path import abspath, basename, isfile, join, normpath
 

@@ -17,7 +17,10 @@ resampled queries; B = 1000 unless --bootstrap is given); 'winoground' (--groups
 image and group scores of Thrush et al. 2022 over a JSON list of
 {caption_0, caption_1, image_0, image_1} text and image ids, and their number n).
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import os
 from os.path import abspath, dirname
 

@@ -10,7 +10,10 @@ self-attention, and the pseudo textual attention of singular and distributed ali
 (the visual attention mapped onto the words). Axes are labelled with the caption's tokens
 (words from --vocab, a JSON {token: id} or a BERT vocab.txt; ids otherwise) and box indices.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import os
 from os.path import abspath, dirname, splitext
 
@@ -23,18 +26,41 @@ from model.isd import layer_attention_blocks
 from utils.outputs import atomic_write, refuse_overwriting_inputs, refuse_unwritable
 
 
-def token_names(ids, vocab_path):
+def read_vocab(vocab_path):
+    """{token id: word} of --vocab (a JSON {token: id} or a vocab.txt, one token a line), {}
+    without one."""
     if not vocab_path:
-        return [str(i) for i in ids]
+        return {}
     if vocab_path.endswith(".json"):
-        vocab = load_json(vocab_path, "vocab")
+        vocab = load_json(vocab_path, "--vocab")
         if not isinstance(vocab, dict):
             raise ConfigError(f"--vocab {vocab_path} must be a JSON object {{token: id}}")
-        inverse = {v: k for k, v in vocab.items() if isinstance(v, int)}
-    else:
+        return {v: k for k, v in vocab.items() if isinstance(v, int)}
+    try:
         with open(vocab_path, encoding="utf-8") as f:
-            inverse = dict(enumerate(line.rstrip("\n") for line in f))
+            return dict(enumerate(line.rstrip("\n") for line in f))
+    except FileNotFoundError:
+        raise ConfigError(f"--vocab {vocab_path} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--vocab {vocab_path} is a folder; give a vocab.txt or a JSON {{token: id}}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--vocab {vocab_path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); give a vocab.txt saved as UTF-8 (one token a line)") from None
+
+
+def token_names(ids, inverse):
     return [inverse.get(i, str(i)) for i in ids]
+
+
+def figure_format(path):
+    """The image format the file name asks for (PNG without an extension), one matplotlib writes."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    extension = splitext(path)[1][1:].lower() or "png"
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if extension not in formats:
+        raise ConfigError(f"--output {path}: .{extension} is not an image format matplotlib writes; end it in "
+                          f"one of {', '.join('.' + f for f in sorted(formats))}")
+    return extension
 
 
 def build_parser():
@@ -47,19 +73,21 @@ def build_parser():
 
 
 def check_output(opts):
-    """Before any work: OUTPUT can be written and is none of the inputs."""
+    """Before any work: OUTPUT can be written, in a format its name says, and is none of the inputs."""
     refuse_unwritable("--output", opts.output, folder=False)
     refuse_overwriting_inputs([("--output", opts.output, opts.output)], split_inputs(opts) + [("--vocab", opts.vocab)])
+    return figure_format(opts.output)
 
 
-def save_figure(fig, path):
-    """The figure in the format its file name says (PNG without one), written atomically."""
+def save_figure(fig, path, image_format):
+    """The figure, written atomically."""
     os.makedirs(dirname(abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format=splitext(path)[1][1:] or "png", dpi=90))
+    atomic_write(path, lambda f: fig.savefig(f, format=image_format, dpi=90))
 
 
 def main(opts):
-    check_output(opts)
+    image_format = check_output(opts)
+    vocab = read_vocab(opts.vocab)
     dataset, model = open_split(opts)
     if opts.txt_id not in dataset.ids:
         raise DataError(f"--txt_id {opts.txt_id} is not a text id of {opts.txt_db}")
@@ -72,7 +100,7 @@ def main(opts):
     txt, img = txt[:n_words, :n_words], img[:n_boxes, :n_boxes]
     singular = singular_pseudo(img, t2i[:n_words])
     distributed = distributed_pseudo(t2i[:n_words, :n_boxes], i2t[:n_boxes, :n_words])
-    words = token_names(dataset.txt_db[opts.txt_id]["input_ids"], opts.vocab)
+    words = token_names(dataset.txt_db[opts.txt_id]["input_ids"], vocab)
     boxes = [str(k) for k in range(n_boxes)]
 
     import matplotlib
@@ -89,7 +117,7 @@ def main(opts):
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"{opts.txt_id}: {' '.join(words)} (layer {opts.layer % model.config.num_hidden_layers})")
     fig.tight_layout()
-    save_figure(fig, opts.output)
+    save_figure(fig, opts.output, image_format)
     print(f"wrote {opts.output}")
 
 

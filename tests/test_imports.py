@@ -1,6 +1,8 @@
 """How the code finds its modules. The repository root is on the import path (the venv's
-.pth file written by make, PYTHONPATH in the container, the current folder with ``python -m``),
-so no module outside tests/ edits sys.path, and every script is a module of the scripts
+.pth file written by make, PYTHONPATH in the container, the current folder with ``python -m``);
+a script run as ``python scripts/x.py`` puts its own repository first with one statement at
+its top, so that a moved copy (or a venv naming another clone) imports its own modules. No
+other module outside tests/ edits sys.path, and every script is a module of the scripts
 package."""
 import ast
 import importlib
@@ -32,10 +34,15 @@ def project_modules():
                 yield os.path.relpath(os.path.join(folder, name), ROOT)
 
 
+BOOTSTRAP = "sys.path.insert(0, dirname(dirname(realpath(__file__))))"
+
+
 def sys_path_uses(path):
-    """How often the module names sys.path (or imports path from sys)."""
+    """How often the module names sys.path (or imports path from sys), but for a script's
+    bootstrap statement among its first (module-level) statements."""
     with open(os.path.join(ROOT, path)) as f:
         tree = ast.parse(f.read(), path)
+    tree.body = [node for k, node in enumerate(tree.body) if not (k < 5 and ast.unparse(node) == BOOTSTRAP)]
     return sum(isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
                and node.value.id == "sys"
                or isinstance(node, ast.ImportFrom) and node.module == "sys"

@@ -8,7 +8,10 @@ from os.path import exists, join
 
 import torch
 
+from .logger import LOGGER
 from .outputs import atomic_write, first_line
+
+DDP_PREFIX = "module."  # what DistributedDataParallel (and DataParallel) put before every name
 
 
 class CheckpointError(ValueError):
@@ -66,6 +69,7 @@ def load_model_state(path, what="checkpoint"):
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{what} {path}: entry {key!r} holds {_describe(value)}, not a tensor; "
                                   f"this is not a model state dict")
+    state = strip_wrapper_prefix(state, path, what)
     bad = {k: int((~torch.isfinite(v)).sum()) for k, v in state.items() if v.is_floating_point()}
     bad = {k: n for k, n in bad.items() if n}
     if bad:
@@ -73,6 +77,21 @@ def load_model_state(path, what="checkpoint"):
         raise CheckpointError(f"{what} {path}: {len(bad)} tensor(s) hold non-finite values (first: {first}, "
                               f"{bad[first]} values); these weights are unusable")
     return state
+
+
+def strip_wrapper_prefix(state, path, what="checkpoint"):
+    """The weights of a model saved while wrapped in DistributedDataParallel (every name
+    starts with ``module.``, once per wrapping) under the model's own names; a prefix on
+    some names only is left for the checks of what the model takes to name."""
+    depth = 0
+    while state and all(k.startswith(DDP_PREFIX * (depth + 1)) for k in state):
+        depth += 1
+    if not depth:
+        return state
+    prefix = DDP_PREFIX * depth
+    LOGGER.info("%s %s was saved from a wrapped model: the prefix '%s' is removed from its %d names",
+                what, path, prefix, len(state))
+    return {k[len(prefix):]: v for k, v in state.items()}
 
 
 def state_dict_on_cpu(model):

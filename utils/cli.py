@@ -5,6 +5,7 @@ import sys
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, parse_with_config
+from .environment import EnvironmentVariableError
 from .errors import CheckpointMismatchError, DataError
 from .outputs import OutputError
 
@@ -14,7 +15,7 @@ class TrainingError(RuntimeError):
 
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, CheckpointMismatchError, TrainingError, OutputError,
-               OSError)
+               EnvironmentVariableError, OSError)
 
 
 def one_line(error):
@@ -29,7 +30,10 @@ def one_line(error):
 def run(main_fn, parser, config_only_keys=()):
     prog = os.path.basename(sys.argv[0])
     try:
-        main_fn(parse_with_config(parser, config_only_keys=config_only_keys))
+        opts = parse_with_config(parser, config_only_keys=config_only_keys)
+        # before any work: the LMDB readers and torch.distributed parse these deep inside
+        distributed.check_launch_environment()
+        main_fn(opts)
     except USER_ERRORS as e:
         # one write: the lines of each rank stay together when several ranks fail at once
         details = "".join(f"  {line}\n" for line in getattr(e, "details", ()))

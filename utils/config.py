@@ -107,6 +107,9 @@ def _check_scalar(action, key, value, source):
         value = float(value) if ok else value
     elif typ is str:
         ok = isinstance(value, str)
+        if ok and not value.strip():
+            raise ConfigError(f"{source}: {key} is an empty string; give a value, or leave the key out "
+                              f"(or null) for its default")
     if not ok:
         name = {int: "an integer", float: "a number", str: "a string"}.get(typ, "valid")
         raise ConfigError(f"{source}: {key} must be {name}, got {json.dumps(value)}")
@@ -122,6 +125,8 @@ def _check_values(parser, args):
         values = value if isinstance(value, list) else [value]
         name = action.option_strings[-1] if action.option_strings else action.dest
         for v in values:
+            if isinstance(v, str) and not v.strip() and action.type in (str, None):
+                raise ConfigError(f"{name} is an empty string; give a value, or leave the flag out for its default")
             if isinstance(v, float) and not math.isfinite(v):
                 raise ConfigError(f"{name} must be a finite number, got {v}")
             valid = getattr(action, "valid", None)
@@ -165,7 +170,10 @@ def parse_with_config(parser, argv=None, config_only_keys=()):
         for key, value in config.items():
             if key in config_only_keys:
                 setattr(args, key, _check_config_only(key, value, config_only_keys[key], args.config))
-            elif key in known and key != "config":
+            elif key == "config":
+                raise ConfigError(f"{args.config}: a config cannot name another config (key 'config'); "
+                                  f"copy the keys of {json.dumps(value)} into this file, or pass that file as --config")
+            elif key in known:
                 if key not in given:
                     setattr(args, key, _check_type(known[key], key, value, args.config))
             else:

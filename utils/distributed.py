@@ -7,6 +7,8 @@ import re
 
 import torch
 
+from .environment import EnvironmentVariableError, env_int, env_value
+
 _backend = None  # None (single process), "horovod" or "torch"
 _hvd = None
 
@@ -16,7 +18,44 @@ def launched_by_horovod():
 
 
 def launched_by_torchrun():
-    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    return "TORCHELASTIC_RUN_ID" in os.environ or bool(env_value("RANK") and env_value("WORLD_SIZE"))
+
+
+_LAUNCH_ADVICE = "launch with torchrun (which sets it), or unset it to run one process"
+_PORT_ADVICE = "give a free TCP port, or unset it (torchrun and srun choose one)"
+# the integers a launcher sets and torch.distributed or the LMDB readers parse: (lowest, highest)
+LAUNCH_INTEGERS = {"RANK": (0, None), "WORLD_SIZE": (1, None), "LOCAL_RANK": (0, None),
+                   "LOCAL_WORLD_SIZE": (1, None), "MASTER_PORT": (1, 65535), "HOROVOD_LOCAL_SIZE": (1, None),
+                   "OMPI_COMM_WORLD_LOCAL_SIZE": (1, None)}
+
+
+def check_launch_environment():
+    """Refuse launch variables that torch.distributed (or the LMDB readers) would fail on
+    with a traceback, or that would make a run of several processes silently one: integers
+    out of range, RANK without WORLD_SIZE, a group without MASTER_ADDR or MASTER_PORT."""
+    values = {name: env_int(name, None, low, high, _PORT_ADVICE if name == "MASTER_PORT" else _LAUNCH_ADVICE)
+              for name, (low, high) in LAUNCH_INTEGERS.items()}
+    if launched_by_horovod() or launched_by_slurm():  # they bring their own rendezvous (srun's: adopted in init)
+        return
+    rank, world = values["RANK"], values["WORLD_SIZE"]
+    if (rank is None) != (world is None):
+        given, lacking = ("RANK", "WORLD_SIZE") if world is None else ("WORLD_SIZE", "RANK")
+        raise EnvironmentVariableError(f"environment variable {given}={values[given]} is set but {lacking} is "
+                                       f"not: launch with torchrun (or srun), which sets both, or unset {given} "
+                                       f"to run one process")
+    if rank is not None and rank >= world:
+        raise EnvironmentVariableError(f"environment variable RANK={rank} must be below WORLD_SIZE={world}; "
+                                       f"launch with torchrun, or unset RANK and WORLD_SIZE to run one process")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if rank is not None and env_value(name) is None:
+            raise EnvironmentVariableError(
+                f"environment variables RANK={rank} and WORLD_SIZE={world} are set but {name} is not: launch "
+                f"with torchrun, or set MASTER_ADDR and MASTER_PORT to rank 0's host and a free port, or unset "
+                f"RANK and WORLD_SIZE to run one process")
+    local_rank, local_size = values["LOCAL_RANK"], values["LOCAL_WORLD_SIZE"]
+    if local_rank is not None and local_size is not None and local_rank >= local_size:
+        raise EnvironmentVariableError(f"environment variable LOCAL_RANK={local_rank} must be below "
+                                       f"LOCAL_WORLD_SIZE={local_size}; {_LAUNCH_ADVICE}")
 
 
 _SLURM_RESERVED_STEPS = 0xFFFFFFF0  # ids of the batch script's, salloc's and the extern step
@@ -67,6 +106,7 @@ def init(timeout_s=600):
         _backend, _hvd = "horovod", hvd
     elif launched_by_slurm() and not launched_by_torchrun():
         adopt_slurm_environment()
+    check_launch_environment()
     # a group even for one process, so that `torchrun --nproc_per_node 1` runs the
     # collectives of an 8-GPU run (NCCL on a GPU)
     if _backend is None and launched_by_torchrun():
@@ -106,7 +146,7 @@ def get_world_size():
 def get_local_rank():
     if _backend == "horovod":
         return _hvd.local_rank()
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return env_int("LOCAL_RANK", 0, advice=_LAUNCH_ADVICE)
 
 
 def is_main_process():

@@ -21,3 +21,6 @@ def load_json(path, what=None, error=DataError):
         raise error(f"{what} file {path} not found" if what else f"{path} not found") from None
     except json.JSONDecodeError as e:
         raise error(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{what + ' ' if what else ''}{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                    f"{e.start}); JSON files are read as UTF-8: save it so") from None

@@ -6,6 +6,8 @@ import urllib.error
 import urllib.request
 from http.client import HTTPException
 
+from utils.environment import env_urls
+
 from . import DownloadError
 from .archives import ARCHIVE_SUFFIXES, fetch_archive
 
@@ -27,8 +29,16 @@ UNITER_FILES = {
 SUBSETS = ("flickr", "coco", "pretrained", "vocab", "iais")  # pretrained includes the vocabulary
 
 
-def env_list(name, default):
-    return os.environ.get(name, "").split() or list(default)
+def uniter_hosts():
+    return [host.rstrip("/") for host in env_urls("UNITER_BLOB", UNITER_HOSTS)]
+
+
+def vocab_urls():
+    return env_urls("BERT_VOCAB_URL", VOCAB_URLS)
+
+
+def release_api():
+    return env_urls("IAIS_RELEASE_API", [RELEASE_API], single=True)[0]
 
 
 def vocab_problem(path):
@@ -79,12 +89,12 @@ class Job:
 
 
 def uniter_jobs(storage, subsets):
-    hosts = [host.rstrip("/") for host in env_list("UNITER_BLOB", UNITER_HOSTS)]
+    hosts = uniter_hosts()
     advice = "set UNITER_BLOB to a base URL that serves the UNITER release"
     jobs = [Job([f"{host}/{path}" for host in hosts], os.path.join(storage, path), advice)
             for subset in subsets for path in UNITER_FILES.get(subset, [])]
     if "pretrained" in subsets or "vocab" in subsets:  # vocab: the one file the DB builders need
-        jobs.append(Job(env_list("BERT_VOCAB_URL", VOCAB_URLS), os.path.join(storage, VOCAB_FILE),
+        jobs.append(Job(vocab_urls(), os.path.join(storage, VOCAB_FILE),
                         "set BERT_VOCAB_URL to bert-base-cased's vocab.txt", check=vocab_problem))
     return jobs
 

@@ -12,6 +12,7 @@ from . import DownloadError, manifest
 
 CHUNK = 1 << 20
 PROGRESS_S = 30
+MAX_WAIT_S = 3600.0  # longest wait between tries (the doubling stops there) and longest timeout
 
 
 class Refused(Exception):
@@ -59,7 +60,7 @@ class Fetcher:
             except Transient as e:
                 if attempt == self.retries:
                     raise Transient(f"failed {self.retries} times, last: {e}") from None
-                wait = self.retry_wait * 2 ** (attempt - 1)
+                wait = min(self.retry_wait * 2.0 ** min(attempt - 1, 32), MAX_WAIT_S)
                 print(f"download_itm: {url}: {e}; try {attempt + 1}/{self.retries} in {wait:g} s",
                       file=sys.stderr, flush=True)
                 time.sleep(wait)
