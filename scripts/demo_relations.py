@@ -27,14 +27,16 @@ OUTPUT/sittings.jsonl), OUTPUT/relations.png (mean group-score curves with 95% b
 every run, beside Kaplan-Meier curves of steps to learn), OUTPUT/pooled.{md,tex,csv,json}
 (scripts/compare_runs.py on the last weights, runs pooled per arm) and prints the tables.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import glob
 import json
 import os
 import re
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from os.path import exists, join

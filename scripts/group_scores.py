@@ -12,7 +12,10 @@ model_step_N.pt, null for another name). The same numbers as scripts/retrieval_m
 batch's padding (ties aside: they fail either way). A groups file is a JSON list of
 {caption_0, caption_1, image_0, image_1} (text and image ids of the split).
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import re
 from os.path import basename
 
