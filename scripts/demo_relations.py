@@ -24,7 +24,8 @@ continues where it stopped; ``--report_only`` reports on the finished runs witho
 running any. Writes OUTPUT/relations.json (every run with its curve, per arm the end
 points, the tests, the power of the design, the wall time of every sitting, also kept in
 OUTPUT/sittings.jsonl), OUTPUT/relations.png (mean group-score curves with 95% bands and
-every run, beside Kaplan-Meier curves of steps to learn), OUTPUT/pooled.{md,tex,csv,json}
+every run, beside Kaplan-Meier curves of steps to learn), OUTPUT/relations.md (the tables),
+OUTPUT/pooled.{md,tex,csv,json}
 (scripts/compare_runs.py on the last weights, runs pooled per arm) and prints the tables.
 """
 import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
@@ -331,34 +332,55 @@ def report(output, groups_path, plan, n_boot):
     if by_arm:
         draw(join(output, "relations.png"), by_arm)
         pooled_tables(output, groups_path, finished)
-    print_tables(results)
+    tables = tables_markdown(results)
+    atomic_write(join(output, "relations.md"), lambda f: f.write(tables.encode()))
+    print(tables, end="")
     return results
 
 
-def print_tables(results):
-    print(f"{'variant':28s} {'runs':>4s} {'learned':>7s} " + " ".join(f"{m:>12s}" for m in METRICS)
-          + f" {'curve area':>10s}")
+def median_steps(runs):
+    """The Kaplan-Meier median of steps to learn, None when fewer than half the runs learned."""
+    km = kaplan_meier([r["steps_to_learn"] for r in runs], [r["learned"] for r in runs])
+    return next((t for t, share in km if share <= 0.5), None)
+
+
+def _pct(summary):
+    return f"{100 * summary['mean']:.1f}"
+
+
+def tables_markdown(results):
+    """The comparison's tables (markdown): per arm, then each arm against the fair baseline."""
+    lines = ["| arm | runs | learned by the last step | median steps to learn | group score, last | "
+             "own-vs-twin, last | curve area | image R@1 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in results["variants"].items():
-        print(f"{name:28s} {v['n']:4d} {v['learned']:7d} "
-              + " ".join(f"{100 * v[m]['mean']:12.1f}" for m in METRICS) + f" {100 * v['curve_area']['mean']:10.1f}")
+        runs = [r for k, r in results["runs"].items() if k.rsplit(" seed ", 1)[0] == name]
+        median = median_steps(runs)
+        group = [100 * r["group"] for r in runs]
+        lines.append(f"| {name} | {v['n']} | {v['learned']} of {v['n']} | "
+                     f"{'not reached' if median is None else median} | {_pct(v['group'])} "
+                     f"[{min(group):.1f}, {max(group):.1f}] | {_pct(v['own_vs_twin'])} | {_pct(v['curve_area'])} | "
+                     f"{_pct(v['img_r1'])} |")
+    lines += ["", "| against the fair baseline | log-rank (primary) | Fisher, learned by the last step | "
+              "curve area difference [95% interval] |", "| --- | --- | --- | --- |"]
     for name, t in results["tests"].items():
         lr, fi, area = t["logrank"], t["fisher"], t["curve_area"]
-        p_lr = "n/a" if lr["p"] is None else f"{lr['p']:.3f}"
-        print(f"{name}: log-rank chi2 {lr['chi2']:.2f}, p = {p_lr} (learned {lr['observed_a']:.0f} vs "
-              f"{lr['expected_a']:.1f} expected); Fisher {fi['learned_a']}/{fi['n_a']} vs {fi['learned_b']}/"
-              f"{fi['n_b']}, p = {fi['p']:.3f}; curve area {100 * area['diff']:+.1f} "
-              f"[{100 * area['ci95'][0]:+.1f}, {100 * area['ci95'][1]:+.1f}]")
+        p_lr = "no run learned" if lr["p"] is None else f"chi2 {lr['chi2']:.2f}, p = {lr['p']:.3f}"
+        lines.append(f"| {name.split(' vs ')[0]} | {p_lr} (learned {lr['observed_a']:.0f}, "
+                     f"{lr['expected_a']:.1f} expected) | {fi['learned_a']}/{fi['n_a']} vs {fi['learned_b']}/"
+                     f"{fi['n_b']}, p = {fi['p']:.3f} | {100 * area['diff']:+.1f} "
+                     f"[{100 * area['ci95'][0]:+.1f}, {100 * area['ci95'][1]:+.1f}] |")
     if "power" in results:
         pw = results["power"]
-        share = pw["fisher_smallest_share_learned"]
-        hr = pw["logrank_smallest_hazard_ratio"]
-        print(f"power 0.8 at alpha 0.05: Fisher detects {'no share' if share is None else f'{100 * share:.0f}%'} "
-              f"learned against the fair baseline's {100 * pw['fair_baseline_share_learned']:.0f}%; log-rank, "
-              f"with {pw['logrank_events']} events, a hazard ratio of "
-              f"{'n/a' if hr is None else f'{hr:.2f}'}")
+        share, hr = pw["fisher_smallest_share_learned"], pw["logrank_smallest_hazard_ratio"]
+        lines += ["", f"Power 0.8 at alpha 0.05, these arm sizes: Fisher's test finds IAIS singular learning in "
+                      f"{'no share of runs' if share is None else f'{100 * share:.0f}% of runs'} against the fair "
+                      f"baseline's {100 * pw['fair_baseline_share_learned']:.0f}%; the log-rank test, with "
+                      f"{pw['logrank_events']} learned runs, a hazard ratio of {'-' if hr is None else f'{hr:.1f}'}."]
     wt = results["wall_time"]
-    print(f"wall time: {wt['runs']} runs, {wt['run_seconds_total'] / 3600:.2f} h of run time in all; "
-          f"{wt['wall_seconds_total'] / 3600:.2f} h over {len(wt['sittings'])} sitting(s)")
+    lines += ["", f"Wall time: {wt['runs']} runs, {wt['run_seconds_total'] / 3600:.2f} h of run time in all "
+                  f"(mean {0 if not wt['runs'] else wt['run_seconds_mean'] / 60:.1f} min a run), "
+                  f"{wt['wall_seconds_total'] / 3600:.2f} h over {len(wt['sittings'])} sitting(s)."]
+    return "\n".join(lines) + "\n"
 
 
 def main():

@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from helpers import run
-from scripts.demo_relations import curve_area, planned_runs, steps_to_learn, twin_outcomes
+from scripts.demo_relations import curve_area, median_steps, planned_runs, steps_to_learn, twin_outcomes
 from utils.retrieval_metrics import winoground_summary
 from utils.survival import (fisher_exact, fisher_power, kaplan_meier, logrank, logrank_detectable_hazard_ratio,
                             smallest_detectable_share)
@@ -38,6 +38,8 @@ def test_kaplan_meier_by_hand():
     # 4 runs: learns at 2, censored at 3, learns at 4, censored at 4 (at risk at 4)
     assert kaplan_meier([2, 3, 4, 4], [True, False, True, False]) == [(0, 1.0), (2, 0.75), (4, 0.375)]
     assert kaplan_meier([6, 6], [False, False]) == [(0, 1.0)]
+    runs = [{"steps_to_learn": t, "learned": e} for t, e in ((2, True), (3, False), (4, True), (4, False))]
+    assert median_steps(runs) == 4 and median_steps(runs[1:2]) is None
 
 
 def test_fisher_exact_known_tables():
@@ -129,6 +131,8 @@ def test_relations_comparison_end_to_end(tmp_path):
     assert tests["fisher"]["n_a"] == tests["fisher"]["n_b"] == 2
     assert "fisher_smallest_share_learned" in results["power"]
     assert (out / "relations.png").stat().st_size > 10_000
+    table = (out / "relations.md").read_text()
+    assert "| IAIS singular | 2 | " in table and "| baseline (fixed masks) | 2 | " in table
     pooled = json.loads((out / "pooled.json").read_text())
     assert "IAIS singular" in json.dumps(pooled) and (out / "pooled.md").exists()
     assert [s["runs_done"] for s in results["wall_time"]["sittings"]] == [4]
