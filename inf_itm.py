@@ -151,6 +151,7 @@ def main(opts):
     model, state = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint,
                               opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)
+    txt_db.check_vocab(model.config.vocab_size)
     dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS, rank=dist.get_rank(),
                              world_size=dist.get_world_size(), setting="--batch_size")
     if not any(k.endswith("rank_output.weight") for k in state):
