@@ -3,9 +3,11 @@ flags, BERT's WordPiece tokenizer of a local vocab file, a txt_db's meta.json an
 value, and the share of [UNK] among a set of captions' tokens."""
 import hashlib
 import re
+import sys
 from os.path import basename, isdir, isfile
 
 from data import DataError
+from data.txt_db import KNOWN_VOCAB_SIZES
 from utils.config import ConfigError
 
 
@@ -46,6 +48,10 @@ def build_meta(tokenizer, toker_name, vocab_path):
     lacking = [k for k in ("UNK", "CLS", "SEP", "MASK") if f"[{k}]" not in vocab]
     if lacking:
         raise DataError(f"--vocab {vocab_path} has no [{lacking[0]}] token; pass a BERT WordPiece vocab file")
+    expected = KNOWN_VOCAB_SIZES.get(toker_name)
+    if expected is not None and expected != len(vocab):  # meta.json would name another tokenizer
+        print(f"WARNING: --vocab {vocab_path} has {len(vocab)} tokens but --toker {toker_name} has {expected}; "
+              f"meta.json records toker {toker_name!r}: pass the --toker this vocab belongs to", file=sys.stderr)
     ids = {k: vocab[f"[{k}]"] for k in ("UNK", "CLS", "SEP", "MASK")}
     first_word = next(i for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])
                       if i > ids["MASK"] and not re.fullmatch(r"\[.*\]", tok))

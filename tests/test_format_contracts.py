@@ -469,3 +469,22 @@ def test_twin_groups_of_one_caption_twice(tmp_path):
     groups = write(tmp_path / "g.json", json.dumps([{"caption_0": "t0", "caption_1": "t0", "image_0": "i0",
                                                       "image_1": "i1"}]))
     error_line(*_metrics(tmp_path, path, "--groups", groups)[::2], "g.json: group 0 has 't0' as both caption_0")
+
+
+def test_a_vocab_of_another_size_than_the_tokenizer_named(tmp_path):
+    """An uncased vocabulary (30522 tokens) converted under the default --toker
+    bert-base-cased: meta.json would name the wrong tokenizer, which is said."""
+    words = VOCAB + [f"w{i}" for i in range(30522 - len(VOCAB))]
+    vocab = write(tmp_path / "uncased.txt", "\n".join(words) + "\n")
+    ann = write(tmp_path / "ann.json", karpathy([flickr_image("1.jpg", "test", "a dog")]))
+    code, _, err = call("scripts.prepro_itm", ["--annotation", ann, "--vocab", vocab, "--output", tmp_path / "o"])
+    assert code == 0, err
+    assert f"WARNING: --vocab {vocab} has 30522 tokens but --toker bert-base-cased has 28996" in err
+
+
+def test_a_txt_db_naming_another_tokenizer_only_by_name(tmp_path, caplog):
+    meta = {"UNK": 100, "CLS": 101, "SEP": 102, "MASK": 103, "toker": "bert-base-uncased"}
+    code, _, err = call("inf_itm", inf_argv(tmp_path, txt_db_copy(tmp_path / "t.db", meta=meta)))
+    assert code == 0, err
+    assert any(r.levelname == "WARNING" and "toker 'bert-base-uncased' has 30522 tokens" in r.getMessage()
+               for r in caplog.records)
