@@ -33,7 +33,8 @@ class CaptionDataset(Dataset):
             raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
                             f"raise --max_txt_len")
         self.txt2img = txt_db.txt2img
-        needed = {self.txt2img[i] for i in txt_db.id2len if i in self.txt2img}
+        # img2txts.json's images are all candidates (evaluation) and negatives (training)
+        needed = {self.txt2img[i] for i in txt_db.id2len if i in self.txt2img} | set(txt_db.img2txts)
         if not needed <= set(img_db.name2nbb):
             describe = getattr(img_db, "missing_images", None)
             missing = sorted(needed - set(img_db.name2nbb))

@@ -112,7 +112,14 @@ class TxtTokLmdb:
         """Model input is [CLS] + input_ids + [SEP]: ids that already hold them would be
         wrapped twice, which trains and scores a caption the model was never shown."""
         ids = value.get("input_ids") if isinstance(value, dict) else None
-        if isinstance(ids, list) and (self.cls_ in ids or self.sep in ids):
+        if not isinstance(ids, list):
+            return  # refused by the caption scan (engine/checks.py), naming the text
+        # the scan takes booleans for integers (token 0 or 1); `in` finds them at C speed, as
+        # it finds 0 and 1, which real captions never hold
+        if (True in ids or False in ids) and any(type(i) is bool for i in ids):
+            raise DataError(f"{self.db_dir}: text {txt_id!r} has a boolean among its input_ids, not a token id; "
+                            f"rebuild the txt_db")
+        if self.cls_ in ids or self.sep in ids:
             name, token = ("CLS", self.cls_) if self.cls_ in ids else ("SEP", self.sep)
             raise DataError(f"{self.db_dir}: text {txt_id!r} already holds the {name} token id {token} of "
                             f"meta.json; input_ids must be the caption's tokens without [CLS]/[SEP] "

@@ -488,3 +488,14 @@ def test_a_txt_db_naming_another_tokenizer_only_by_name(tmp_path, caplog):
     assert code == 0, err
     assert any(r.levelname == "WARNING" and "toker 'bert-base-uncased' has 30522 tokens" in r.getMessage()
                for r in caplog.records)
+
+
+def test_img2txts_listing_an_image_the_img_db_lacks(tmp_path):
+    """Every image of img2txts.json is a candidate of the evaluation (and a negative in
+    training), with a caption or without: one the img_db lacks is named, not a KeyError."""
+    dst = tmp_path / "t.db"
+    shutil.copytree(TXT_DB, dst)
+    img2txts = json.loads((dst / "img2txts.json").read_text())
+    write(dst / "img2txts.json", json.dumps({**img2txts, "flickr30k_000000000099.npz": []}))
+    error_line(*call("inf_itm", inf_argv(tmp_path, str(dst)))[::2], "t.db names images that the img_db cannot give",
+               "flickr30k_000000000099.npz")

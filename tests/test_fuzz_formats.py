@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import tempfile
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -323,15 +324,43 @@ def _fixture_json(name):
         return json.load(f)
 
 
+def _caption_of(txt_id):
+    from data import TxtTokLmdb
+    return TxtTokLmdb(TXT_DB, -1)[txt_id]
+
+
+def _put_caption(db, txt_id, value):
+    """Write one LMDB value of a txt_db copy as it is, the JSON files left alone."""
+    import lmdb
+    from data.txt_db import encode_txt
+    env = lmdb.open(db, map_size=1 << 26)
+    with env.begin(write=True) as txn:
+        txn.put(txt_id.encode(), value if isinstance(value, bytes) else encode_txt(value))
+    env.close()
+
+
 @examples(100)
-@given(data=st.data(), name=st.sampled_from(["id2len", "txt2img", "img2txts", "meta"]))
-@example(data=None, name="meta")  # a caption holding [CLS]
-def test_fuzz_txt_db_json_files(data, name):
-    base = _fixture_json(name)
+@given(data=st.data(), name=st.sampled_from(["id2len", "txt2img", "img2txts", "meta", "LMDB value"]))
+@example(data=None, name="meta")  # a caption holding [SEP]
+@example(data="bool", name="LMDB value")  # found by the fuzzer: a boolean among the input_ids
+@example(data="extra image", name="img2txts")  # found by the fuzzer: an image the img_db lacks, no caption
+def test_fuzz_txt_db(data, name):
+    base = _fixture_json(name if name != "LMDB value" else "id2len")
     ids = list(_fixture_json("id2len"))[:4] + list(_fixture_json("img2txts"))[:2] + [101, 102, 0, 999, 1000, -1]
     with scratch() as tmp:
         db = os.path.join(tmp, "t.db")
-        if data is None:
+        same_scores = name != "meta"
+        if data == "bool":
+            shutil.copytree(TXT_DB, db)
+            changed = {**_caption_of("test_flickr30k_000000000000_0")}
+            changed["input_ids"] = [True] + changed["input_ids"][1:]
+            _put_caption(db, "test_flickr30k_000000000000_0", changed)
+            data = None
+        elif data == "extra image":
+            shutil.copytree(TXT_DB, db)
+            write(os.path.join(db, "img2txts.json"), json.dumps({**base, "": []}))
+            data = None
+        elif data is None:
             from test_format_contracts import txt_db_copy
 
             def wrap(examples):
@@ -343,6 +372,14 @@ def test_fuzz_txt_db_json_files(data, name):
             if name == "id2len" and data.draw(st.booleans()):  # part of the split, a consistent subset
                 keep = data.draw(st.sets(st.sampled_from(sorted(base)), max_size=len(base)))
                 write(os.path.join(db, "id2len.json"), json.dumps({t: n for t, n in base.items() if t in keep}))
+            elif name == "LMDB value":  # one caption's value: its tokens, types, keys, or bytes that decode to nothing
+                txt_id = data.draw(st.sampled_from(sorted(base)))
+                value = _caption_of(txt_id)
+                changed = data.draw(mutated_json(value, [101, 102, 999, 1000, -1, True, "a", [], [5] * 70]))
+                if data.draw(st.integers(0, 5)) == 0:
+                    changed = data.draw(st.binary(max_size=20))
+                _put_caption(db, txt_id, changed)
+                same_scores = isinstance(changed, dict) and changed.get("input_ids") == value["input_ids"]
             else:
                 write(os.path.join(db, f"{name}.json"), data.draw(file_bytes(data.draw(mutated_json(base, ids)))))
         before = digest([db])
@@ -352,8 +389,12 @@ def test_fuzz_txt_db_json_files(data, name):
         if refused_or_ok(code, err, db):
             assert not os.path.exists(os.path.join(tmp, "out", "scores.json"))
             return
-        assert data is not None, "a caption holding [SEP] was scored"
-        saved = check_evaluation(os.path.join(tmp, "out"), None if name == "meta" else baseline_scores())
+        assert data is not None, "an explicit example of a broken txt_db was scored"
+        if name == "LMDB value":  # what the format allows of input_ids, by its definition
+            ids = changed["input_ids"]
+            assert isinstance(ids, list) and all(type(i) is int and 0 <= i < 1000 and i not in (101, 102)
+                                                 for i in ids), ids
+        saved = check_evaluation(os.path.join(tmp, "out"), baseline_scores() if same_scores else None)
         on_disk = json.loads(open(os.path.join(db, "id2len.json")).read())
         assert sorted(saved["txt_ids"]) == sorted(on_disk)
 
@@ -371,6 +412,12 @@ def mutated_arrays(draw, arrays):
     another kind, a special value somewhere, boxes scaled to pixels, an array missing or
     an extra one."""
     arrays = {k: np.array(a) for k, a in arrays.items()}
+    with warnings.catch_warnings():  # the casts below are meant: complex to real, overflow to inf
+        warnings.simplefilter("ignore")
+        return _mutate_arrays(draw, arrays)
+
+
+def _mutate_arrays(draw, arrays):
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(sorted(arrays) or ["features"]))
         if key not in arrays:
