@@ -109,8 +109,9 @@ class TxtTokLmdb:
         self._links_checked = False
 
     def _check_caption(self, txt_id, value):
-        """Model input is [CLS] + input_ids + [SEP]: ids that already hold them would be
-        wrapped twice, which trains and scores a caption the model was never shown."""
+        """What the caption scan cannot tell of one decoded value: model input is [CLS] +
+        input_ids + [SEP], so ids that already hold them would be wrapped twice (training
+        and scoring a caption the model is never shown); and a boolean is no token id."""
         ids = value.get("input_ids") if isinstance(value, dict) else None
         if not isinstance(ids, list):
             return  # refused by the caption scan (engine/checks.py), naming the text
