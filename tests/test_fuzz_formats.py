@@ -1,4 +1,6 @@
-"""Property-based fuzzing of the on-disk formats a user brings: broken variants of each
+"""Property-based fuzzing of the on-disk formats a user brings (Karpathy caption JSON,
+txt_db JSON files and LMDB values, img_db count files and values, .npz feature files,
+score files, groups files, ISDa annotations): broken variants of each
 (truncated files, wrong JSON types and shapes, missing and extra keys, out-of-range and
 non-finite values, duplicated and dangling ids, empty and huge values) go through the
 real entry points, in this process. Each run must end either with exit status 2 and one
@@ -700,3 +702,39 @@ def test_fuzz_groups_files(data):
         else:
             assert all(isinstance(k, str) and all(isinstance(m, str) and m != k for m in v)
                        for k, v in image_groups.items())
+
+
+# ----------------------------------------------------------------------------- ISDa annotations -> isd.py
+
+BASE_ANNOTATIONS = {"test_flickr30k_000000000000_0": [[[0], [0]], [[1, 2], [3, 4]]],
+                    "test_flickr30k_000000000000_1": [[[0, 1], [2]]]}
+
+
+@examples(60)
+@given(data=st.data())
+def test_fuzz_isd_annotations(data):
+    from data import TxtTokLmdb
+    ann = data.draw(mutated_json(BASE_ANNOTATIONS, list(BASE_ANNOTATIONS) + ["val_1", 0, 3, 99, -1, [0, 1]]))
+    raw = data.draw(file_bytes(ann))
+    ids = list(TxtTokLmdb(TXT_DB, -1).id2len)[:3]  # the pairs scored with --max_pairs 3
+    with scratch() as tmp:
+        path = write(os.path.join(tmp, "an.json"), raw)
+        before = digest([path])
+        from test_format_contracts import REF_MODEL
+        from conftest import TINY_CONFIG
+        with time_limit():
+            code, _, err = call("scripts.isd", ["--txt_db", TXT_DB, "--img_db", IMG_DB, "--checkpoint", REF_MODEL,
+                                                "--model_config", TINY_CONFIG, "--output", os.path.join(tmp, "isd"),
+                                                "--annotations", path, "--max_pairs", "3"])
+        assert digest([path]) == before
+        if refused_or_ok(code, err, path):
+            assert not os.path.exists(os.path.join(tmp, "isd", "isd.json"))
+            return
+        result = json.loads(open(os.path.join(tmp, "isd", "isd.json")).read())
+        ann = json.loads(raw)
+        assert any(t in ann for t in ids)
+        # ISDa is defined for a pair whose annotation names at least two words
+        expected = sum(1 for t in ids if t in ann and len({w for ws, _ in ann[t] for w in ws}) >= 2)
+        for layer in (k for k in result if k.startswith("layer_")):
+            assert result[layer].get("ISDa_pairs", 0) == expected
+            assert "ISDa" not in result[layer] or math.isfinite(result[layer]["ISDa"])
