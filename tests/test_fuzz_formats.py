@@ -147,7 +147,7 @@ def mutated_json(draw, base, near=()):
         if op == "replace":
             parent[key] = draw(JSON_VALUES)
         elif op == "near" and near:
-            parent[key] = draw(st.sampled_from(list(near)))
+            parent[key] = copy.deepcopy(draw(st.sampled_from(list(near))))  # a shared list could hold itself
         elif op == "delete":
             del parent[key]
         elif op == "duplicate" and isinstance(parent, list):
