@@ -77,6 +77,13 @@ def read_karpathy(path, dataset=None, template=None):
     """(dataset, template, [(split, img_fname, [(text id, caption text), ...]), ...]) of a
     Karpathy JSON, every image and caption checked. ``dataset`` and ``template`` override
     the file's dataset field and the dataset's img_fname template."""
+    dataset, images = read_dataset(path, dataset)
+    return (dataset, template or DEFAULT_FNAME[dataset]) + (karpathy_entries(path, dataset, images, template),)
+
+
+def read_dataset(path, dataset=None):
+    """(dataset, the image list) of a Karpathy JSON, its outer structure checked (what the
+    names of the txt_dbs depend on); ``dataset`` overrides the file's field."""
     ann = load_json(path, "annotation")
     images = ann.get("images") if isinstance(ann, dict) else None
     if not isinstance(images, list):
@@ -84,6 +91,12 @@ def read_karpathy(path, dataset=None, template=None):
     dataset = dataset or ann.get("dataset")
     if not isinstance(dataset, str) or dataset not in SPLITS:
         raise DataError(f"unknown dataset {dataset!r} in {path}; pass --dataset flickr30k or coco")
+    return dataset, images
+
+
+def karpathy_entries(path, dataset, images, template=None):
+    """[(split, img_fname, [(text id, caption text), ...]), ...] of read_dataset's image
+    list, every image and caption checked."""
     template = template or DEFAULT_FNAME[dataset]
     used = template_fields(template)
     entries, sentids, fnames = [], {}, {}
@@ -124,4 +137,4 @@ def read_karpathy(path, dataset=None, template=None):
         entries.append((split, fname, captions))
     if not sentids:
         raise DataError(f"{path} holds no captions")
-    return dataset, template, entries
+    return entries

@@ -21,7 +21,7 @@ from os.path import exists, join
 from tqdm import tqdm
 
 from data import DataError, write_txt_db
-from data.karpathy import SPLITS, read_karpathy, template_fields
+from data.karpathy import SPLITS, karpathy_entries, read_dataset, template_fields
 from data.txt_db import TXT_DB_FILES
 from scripts.wordpiece import (add_tokenizer_args, build_meta, caption_value, check_unk_share, load_tokenizer,
                                refuse_wrapped, unk_share)
@@ -65,13 +65,14 @@ def main(opts):
     refuse_unwritable("--output", opts.output, folder=True)
     if opts.img_fname is not None:
         template_fields(opts.img_fname)
-    dataset, _, entries = read_karpathy(opts.annotation, opts.dataset, opts.img_fname)
+    dataset, images = read_dataset(opts.annotation, opts.dataset)
     db_dirs = {split: join(opts.output, f"itm_{dataset}_{split}.db") for split in SPLITS[dataset]}
     refuse_overwriting_inputs([("--output", join(d, name), opts.output) for d in db_dirs.values()
                                for name in TXT_DB_FILES], [("--annotation", opts.annotation), ("--vocab", opts.vocab)])
     taken = [d for d in db_dirs.values() if exists(join(d, "data.mdb"))]
     if taken:  # refused before any split is written, so no set of DBs is left half new
         raise DataError(f"{taken[0]} already holds an LMDB; remove it or choose another --output")
+    entries = karpathy_entries(opts.annotation, dataset, images, opts.img_fname)
     tokenizer = load_tokenizer(opts)
     meta = build_meta(tokenizer, opts.toker, opts.vocab)
 

@@ -80,9 +80,10 @@ def load_score_file(path):
     for kind, ids in (("text", txt_ids), ("image", img_ids)):
         if len(set(ids)) != len(ids):
             raise DataError(f"{path}: its {kind} ids repeat; evaluate again with inf_itm.py")
-    bad = next((t for t in txt_ids if not isinstance(data["txt2img"].get(t), str)), None)
+    # a text without an entry is named by gt_image_index
+    bad = next((t for t in txt_ids if t in data["txt2img"] and not isinstance(data["txt2img"][t], str)), None)
     if bad is not None:
-        raise DataError(f"{path}: txt2img gives text {bad!r} the image {str(data['txt2img'].get(bad))[:40]}, not "
+        raise DataError(f"{path}: txt2img gives text {bad!r} the image {str(data['txt2img'][bad])[:40]}, not "
                         f"an image id (a string); give a score_matrix.pt written by inf_itm.py")
     if not torch.isfinite(scores.sum(dtype=torch.float64)):  # one pass; float64 cannot overflow here
         n_bad = int((~torch.isfinite(scores)).sum())
