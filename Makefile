@@ -1,5 +1,7 @@
 # make demo   build the synthetic demo data, train a small UNITER with IAIS on it, evaluate
 # make test   run the test suite (installs horovod once, so the horovodrun tests run too)
+# make fuzz   the format fuzzer of tests/test_fuzz_formats.py with many more examples
+#             (FUZZ_EXAMPLES per format, 1000: some 10 minutes on 2 cores; FUZZ_SEED, 0)
 # make bench  data-loader, evaluation and training throughput against the plain path, and
 #             UNITER-base's FLOP/s against this host's matmul rate
 #             (ORIGINAL=<checkout of lancopku/IAIS>: against the original code too)
@@ -33,7 +35,7 @@ endif
 DEMO_DIR ?= demo
 DEMO_OUT ?= $(DEMO_DIR)/output
 
-.PHONY: demo relations test bench bench-threads gpu-check wheels venv dev horovod lock clean-demo
+.PHONY: demo relations test fuzz bench bench-threads gpu-check wheels venv dev horovod lock clean-demo
 
 # torch is installed on its own (its build depends on the machine), the rest from $(REQUIREMENTS)
 $(VENV)/.runtime: $(REQUIREMENTS)
@@ -101,6 +103,12 @@ relations: $(VENV)/.repo-path $(DEMO_DIR)/train-itm-demo.json
 
 test: $(VENV)/.dev $(VENV)/.horovod $(VENV)/.repo-path
 	$(PY) -m pytest -q tests
+
+FUZZ_EXAMPLES ?= 1000
+FUZZ_SEED ?= 0
+fuzz: $(VENV)/.dev $(VENV)/.repo-path
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_formats.py \
+		--hypothesis-seed=$(FUZZ_SEED) --hypothesis-show-statistics
 
 bench: $(VENV)/.dev $(VENV)/.repo-path
 	$(PY) scripts/bench.py --output bench_out/bench.json $(if $(ORIGINAL),--original_repo $(ORIGINAL))

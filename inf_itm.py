@@ -5,7 +5,9 @@
         --model_config config/uniter-base.json --output_dir /storage/eval --fp16
     torchrun --nproc_per_node 2 inf_itm.py ...   |   python inf_itm.py ...
 
-Writes output_dir/scores.json (R@K, textbook unless --original_counting 1, and which counting),
+Writes output_dir/scores.json (R@K, textbook unless --original_counting 1, which counting, and
+what was scored: n_texts, n_images and unmatched_images, the images without a text, which are
+candidates but no query),
 output_dir/score_matrix.pt ({'scores': [texts x images] float32, 'txt_ids', 'img_ids',
 'txt2img': {text id: image id}}; torch.load(..., weights_only=True) reads it; input of
 scripts/retrieval_metrics.py), output_dir/config.json and, with --dump_topk K,
@@ -36,7 +38,8 @@ from utils.config import (NON_NEGATIVE, POSITIVE, ConfigError, add_box_args, add
 from utils.logger import LOGGER, setup_logging
 from utils.outputs import atomic_write, lock_dir, refuse_overwriting_inputs, refuse_unwritable, write_json
 from utils.precision import autocast, resolve_amp
-from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, topk_records, write_recall_log
+from utils.retrieval_metrics import (counting_name, format_recall_table, gt_image_index, scored_counts, topk_records,
+                                     write_recall_log)
 
 RESULTS = ("scores.json", "score_matrix.pt", "topk.jsonl")  # an earlier evaluation's, kept unless --overwrite
 WRITTEN = ("config.json", join(SHARDS, MANIFEST)) + RESULTS
@@ -83,13 +86,18 @@ def write_results(output_dir, settings, scores, txt_ids, img_ids, txt2img, origi
     prints the R@K table."""
     txt2img = {t: txt2img[t] for t in txt_ids}
     log = itm_eval(scores, txt_ids, img_ids, txt2img, original_counting=bool(original_counting))
+    gt_img = gt_image_index(txt_ids, img_ids, txt2img)
+    scored = scored_counts(txt_ids, img_ids, gt_img)
+    if scored["unmatched_images"]:
+        LOGGER.warning("%d of the %d images have no scored text (first: %s): left out as image queries "
+                       "(unmatched_images in scores.json)", len(scored["unmatched_images"]), len(img_ids),
+                       ", ".join(scored["unmatched_images"][:3]))
     os.makedirs(output_dir, exist_ok=True)
     write_json(join(output_dir, "config.json"), settings, indent=2)
     atomic_save({"scores": scores, "txt_ids": txt_ids, "img_ids": img_ids, "txt2img": txt2img},
                 join(output_dir, "score_matrix.pt"))
-    write_recall_log(join(output_dir, "scores.json"), log, counting_name(original_counting))
+    write_recall_log(join(output_dir, "scores.json"), log, counting_name(original_counting), scored)
     if dump_topk:
-        gt_img = gt_image_index(txt_ids, img_ids, txt2img)
 
         def write_topk(f):
             for record in topk_records(scores, txt_ids, img_ids, gt_img, dump_topk):
@@ -151,6 +159,7 @@ def main(opts):
     model, state = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint,
                               opts.allow_random_init, img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)
+    txt_db.check_vocab(model.config.vocab_size)
     dataset = ItmEvalDataset(txt_db, img_db, opts.batch_size, IAIS=opts.IAIS, rank=dist.get_rank(),
                              world_size=dist.get_world_size(), setting="--batch_size")
     if not any(k.endswith("rank_output.weight") for k in state):

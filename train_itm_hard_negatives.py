@@ -192,6 +192,7 @@ def build_datasets(opts, objectives):
 def check_splits(dsets, uniter_config):
     for dset in dsets["text"].datasets + [dsets["val"], dsets["test"]]:
         check_split(dset.txt_db, dset.img_db, uniter_config, IMG_DIM)
+        dset.txt_db.check_vocab(uniter_config.vocab_size)
 
 
 def training_streams(dsets, seed, n_workers, pin_mem, worker_type, device):

@@ -2,16 +2,18 @@
 
 errors.py         DataError, JSON index files
 lmdb_io.py        LMDB opens, reads and writes
-txt_db.py         txt_db: captions (TxtTokLmdb, write_txt_db)
+txt_db.py         txt_db: captions (TxtTokLmdb, write_txt_db) and the format's contract
 feature_store.py  the FeatureStore protocol and open_img_db, the one factory of image feature stores
 img_db.py         img_db: region features by box-selection setting (DetectFeatLmdb, ImgDbWriter)
+                  and the format's contract (count files, each image's arrays)
+karpathy.py       the Karpathy caption JSON that prepro_itm.py converts, and its contract
 feature_codec.py  how an img_db value is encoded and decoded (in place)
 captions.py       CaptionDataset: a process's captions with their images' features
 itm.py            the hard-negative, validation and evaluation datasets; their collate
 negatives.py      negative sampling (the original's draws, or seeded per item)
 batch.py          batch layouts, masks, gather index
 loader.py         thread/process loaders, device prefetch, the resumable training stream
-groups.py         groups of confusable images for hard negatives
+groups.py         groups of confusable images for hard negatives; ISDa annotations
 """
 from .batch import get_gather_index, pad_tensors
 from .captions import CaptionDataset, PairBatch

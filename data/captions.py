@@ -33,10 +33,15 @@ class CaptionDataset(Dataset):
             raise DataError(f"{txt_db.db_dir}: no caption left after filtering by max_txt_len; "
                             f"raise --max_txt_len")
         self.txt2img = txt_db.txt2img
-        missing = sorted({self.txt2img[i] for i in txt_db.id2len if i in self.txt2img} - set(img_db.name2nbb))
-        if missing:
-            raise DataError(f"{len(missing)} image(s) of {txt_db.db_dir} are not in {img_db.db_dir} "
-                            f"(first: {', '.join(missing[:3])}); check that txt_db and img_db match")
+        # img2txts.json's images are all candidates (evaluation) and negatives (training)
+        needed = {self.txt2img[i] for i in txt_db.id2len if i in self.txt2img} | set(txt_db.img2txts)
+        if not needed <= set(img_db.name2nbb):
+            describe = getattr(img_db, "missing_images", None)
+            missing = sorted(needed - set(img_db.name2nbb))
+            detail = (describe(needed) if describe else
+                      f"{len(missing)} image(s) are not in {img_db.db_dir} (first: {', '.join(missing[:3])})")
+            raise DataError(f"{txt_db.db_dir} names images that the img_db cannot give: {detail}; check that "
+                            f"txt_db and img_db match")
         txt_db.check_links()
         self.img2txts = txt_db.img2txts
 

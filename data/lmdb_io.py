@@ -82,6 +82,13 @@ class ReadOnlyLmdb:
         except lmdb.Error as e:
             raise lmdb_error(self.path, e) from None
 
+    def entries(self):
+        """The number of keys (a header read, not a scan)."""
+        try:
+            return self._txn().stat()["entries"]
+        except lmdb.Error as e:
+            raise lmdb_error(self.path, e) from None
+
     def items(self):
         """(key, value) of every entry, as buffers."""
         try:

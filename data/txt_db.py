@@ -1,5 +1,12 @@
 """The txt_db format: an LMDB of lz4(msgpack({'input_ids', 'img_fname', ...})) per text id,
-with the JSON indexes id2len, txt2img, img2txts and meta beside it."""
+with the JSON indexes id2len, txt2img, img2txts and meta beside it.
+
+This module owns the format's contract (README "What is checked"): the JSON files' types
+(read_meta, TxtTokLmdb), the links between them (TxtTokLmdb.check_links), captions that
+already hold [CLS]/[SEP] (refused as they are decoded), and the tokenizer recorded in
+meta.json against the model's vocabulary (TxtTokLmdb.check_vocab). The scan of every
+caption's token ids and lengths is engine/checks.py's."""
+import logging
 from os.path import exists, isdir, join
 
 import lz4.frame
@@ -11,6 +18,7 @@ from utils.outputs import write_json
 from .errors import DataError, load_json, load_json_map
 from .lmdb_io import ReadOnlyLmdb, WriteTxn
 
+LOGGER = logging.getLogger("iais")
 TXT_DB_INDEXES = ("id2len", "txt2img", "img2txts", "meta")  # the JSON files beside the LMDB
 TXT_DB_FILES = ("data.mdb", "lock.mdb") + tuple(f"{name}.json" for name in TXT_DB_INDEXES)
 
@@ -26,9 +34,10 @@ def decode_txt(raw):
 class TxtLmdb:
     """Key -> dict store of a txt_db; opened for writing with readonly=False."""
 
-    def __init__(self, db_dir, readonly=True):
+    def __init__(self, db_dir, readonly=True, check=None):
         self.db_dir = db_dir
         self.readonly = readonly
+        self._check = check  # check(key, value) of every decoded value, or None
         if readonly:
             self.txn, self._writer = ReadOnlyLmdb(db_dir), None
         else:
@@ -42,15 +51,21 @@ class TxtLmdb:
 
     def _decode(self, key, raw):
         try:
-            return decode_txt(raw)
+            value = decode_txt(raw)
         except Exception as e:
             raise DataError(f"{self.db_dir}: corrupt value for key {key!r} ({e})") from None
+        if self._check is not None:
+            self._check(key, value)
+        return value
 
     def items(self):
         """(text id, decoded value) of every entry, in key order."""
         for key, raw in self.txn.items():
             key = bytes(key).decode("utf-8")
             yield key, self._decode(key, raw)
+
+    def __len__(self):
+        return self.txn.entries()
 
     def __setitem__(self, key, value):
         if self.readonly:
@@ -76,18 +91,56 @@ class TxtTokLmdb:
         if not isdir(db_dir):
             raise DataError(f"txt_db {db_dir} not found")
         id2len = load_json_map(join(db_dir, "id2len.json"), int, "caption lengths")
+        negative = next((id_ for id_, n in id2len.items() if n < 0), None)
+        if negative is not None:
+            raise DataError(f"{db_dir}/id2len.json: text id {negative!r} has length {id2len[negative]}; lengths are "
+                            f"token counts (>= 0): rebuild the txt_db")
+        self._n_listed = len(id2len)  # before the max_txt_len cut, to tell captions id2len.json leaves out
+        self._id2len_all = id2len
         self.id2len = (id2len if max_txt_len == -1 else
                        {id_: n for id_, n in id2len.items() if n <= max_txt_len})
         self.db_dir = db_dir
-        self.db = TxtLmdb(db_dir, readonly=True)
-        meta = load_json(join(db_dir, "meta.json"))
-        for key in ("CLS", "SEP", "MASK"):
-            if not isinstance(meta, dict) or not isinstance(meta.get(key), int) or isinstance(meta[key], bool):
-                raise DataError(f"{db_dir}/meta.json: {key} must be a token id (an integer); rebuild the txt_db")
-        self.cls_, self.sep, self.mask = meta["CLS"], meta["SEP"], meta["MASK"]
-        self.v_range = meta.get("v_range")
+        self.meta = read_meta(db_dir)
+        self.cls_, self.sep, self.mask = self.meta["CLS"], self.meta["SEP"], self.meta["MASK"]
+        self.v_range = self.meta.get("v_range")
+        self.toker = self.meta.get("toker")
+        self.db = TxtLmdb(db_dir, readonly=True, check=self._check_caption)
         self._txt2img = self._img2txts = None
         self._links_checked = False
+
+    def _check_caption(self, txt_id, value):
+        """What the caption scan cannot tell of one decoded value: model input is [CLS] +
+        input_ids + [SEP], so ids that already hold them would be wrapped twice (training
+        and scoring a caption the model is never shown); and a boolean is no token id."""
+        ids = value.get("input_ids") if isinstance(value, dict) else None
+        if not isinstance(ids, list):
+            return  # refused by the caption scan (engine/checks.py), naming the text
+        # the scan takes booleans for integers (token 0 or 1); `in` finds them at C speed, as
+        # it finds 0 and 1, which real captions never hold
+        if (True in ids or False in ids) and any(type(i) is bool for i in ids):
+            raise DataError(f"{self.db_dir}: text {txt_id!r} has a boolean among its input_ids, not a token id; "
+                            f"rebuild the txt_db")
+        if self.cls_ in ids or self.sep in ids:
+            name, token = ("CLS", self.cls_) if self.cls_ in ids else ("SEP", self.sep)
+            raise DataError(f"{self.db_dir}: text {txt_id!r} already holds the {name} token id {token} of "
+                            f"meta.json; input_ids must be the caption's tokens without [CLS]/[SEP] "
+                            f"(they are added at load): rebuild the txt_db from the raw captions")
+
+    def check_vocab(self, vocab_size):
+        """A WARNING when meta.json's tokenizer or vocabulary size is not the model's: a
+        txt_db of another tokenizer gives wrong tokens even where every id fits the table."""
+        # v_range, written with the vocabulary, outranks what the tokenizer's name implies
+        if isinstance(self.v_range, list):
+            size, source = self.v_range[1], f"v_range {self.v_range} ends at {self.v_range[1]}"
+        else:
+            size = KNOWN_VOCAB_SIZES.get(self.toker)
+            source = f"toker {self.toker!r} has {size} tokens"
+        problems = [source] if size is not None and size != vocab_size else []
+        if problems:
+            LOGGER.warning("%s/meta.json: %s but the model's vocab_size is %d: the txt_db was probably made with "
+                           "another tokenizer than the model's (bert-base-cased: 28996)", self.db_dir,
+                           " and ".join(problems), vocab_size)
+        return problems
 
     def __getitem__(self, id_):
         return self.db[id_]
@@ -105,6 +158,11 @@ class TxtTokLmdb:
         if self._links_checked:
             return
         txt2img, img2txts, listed = self.txt2img, self.img2txts, {}
+        unlisted = max(len(self.db) - self._n_listed, sum(1 for t in txt2img if t not in self._id2len_all))
+        if unlisted > 0:
+            LOGGER.warning("%s: id2len.json lists %d captions, its LMDB or txt2img.json %d more: only those of "
+                           "id2len.json are used (the results name how many texts and images were scored)",
+                           self.db_dir, self._n_listed, unlisted)
         for img, txts in img2txts.items():
             for txt in txts:
                 listed[txt] = img
@@ -127,8 +185,45 @@ class TxtTokLmdb:
     @property
     def img2txts(self):
         if self._img2txts is None:
-            self._img2txts = load_json_map(join(self.db_dir, "img2txts.json"), list, "lists of text ids")
+            img2txts = load_json_map(join(self.db_dir, "img2txts.json"), list, "lists of text ids")
+            for img, txts in img2txts.items():
+                if not all(isinstance(t, str) for t in txts):
+                    raise DataError(f"{self.db_dir}/img2txts.json: image {img!r} lists a text id that is not a "
+                                    f"string ({str(txts)[:60]}); rebuild the txt_db")
+            self._img2txts = img2txts
         return self._img2txts
+
+
+# vocabulary sizes of the tokenizers whose names meta.json's 'toker' records
+KNOWN_VOCAB_SIZES = {"bert-base-cased": 28996, "bert-large-cased": 28996, "bert-base-uncased": 30522,
+                     "bert-large-uncased": 30522, "bert-base-multilingual-cased": 119547}
+META_IDS = ("CLS", "SEP", "MASK")
+
+
+def read_meta(db_dir):
+    """meta.json of a txt_db: CLS, SEP and MASK token ids (distinct non-negative integers);
+    UNK, v_range [first id, vocab size] and toker (a name) checked when present."""
+    path = join(db_dir, "meta.json")
+    meta = load_json(path)
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: CLS must be a token id, in a JSON object with CLS, SEP and MASK; "
+                        f"rebuild the txt_db")
+    for key in META_IDS + (("UNK",) if "UNK" in meta else ()):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise DataError(f"{path}: {key} must be a token id (an integer >= 0), got {str(value)[:40]}; "
+                            f"rebuild the txt_db")
+    if len({meta[k] for k in META_IDS}) != len(META_IDS):
+        raise DataError(f"{path}: CLS, SEP and MASK must be distinct token ids, got "
+                        f"{[meta[k] for k in META_IDS]}; rebuild the txt_db")
+    v_range = meta.get("v_range")
+    if v_range is not None and not (isinstance(v_range, list) and len(v_range) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in v_range) and 0 <= v_range[0] < v_range[1]):
+        raise DataError(f"{path}: v_range must be [first word id, vocab size], got {str(v_range)[:40]}; "
+                        f"rebuild the txt_db")
+    if "toker" in meta and not isinstance(meta["toker"], str):
+        raise DataError(f"{path}: toker must be the tokenizer's name, got {str(meta['toker'])[:40]}")
+    return meta
 
 
 def write_txt_db(db_dir, examples, meta):

@@ -32,4 +32,5 @@ def open_split(opts):
     model, _ = load_model(UniterForImageTextRetrieval, opts.model_config, opts.checkpoint, opts.allow_random_init,
                           img_dim=IMG_DIM, pairs_num=1)
     check_split(txt_db, img_db, model.config, IMG_DIM)
+    txt_db.check_vocab(model.config.vocab_size)
     return CaptionDataset(txt_db, img_db), model.eval()

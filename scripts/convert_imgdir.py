@@ -6,7 +6,8 @@ writes /img_db/flickr30k/feat_th0.2_max100_min10/ (LMDB) and nbb_th0.2_max100_mi
 Each .npz holds one image's boxes (NPZ_CONTRACT below, shown by --help); arrays are stored
 as float16, cut to the boxes the setting keeps (all of them with --keep_all). Unreadable
 files and unusable ones (no box, features not 2048-d, arrays of different lengths,
-non-finite values) are skipped and listed at the end.
+values that are not real, finite floats, boxes outside [0, 1]) are skipped and listed at
+the end.
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
@@ -19,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import DataError, ImgDbWriter, compute_num_bb
-from data.img_db import writer_file_names
+from data.img_db import BOX_RANGE, writer_file_names
 from model import IMG_DIM
 from utils.cli import run
 from utils.config import POSITIVE, add_box_selection_args, make_parser
@@ -40,7 +41,8 @@ n boxes, in the order of their confidence, highest first (the first nbb are the 
   soft_labels  [n, C]    float   optional: class probabilities (C = 1601 for Visual Genome);
                                  stored, not read by training or evaluation
   nbb          []        int     the boxes to keep, read with --keep_all only
-Any float dtype is taken and stored as float16 (values must be finite there: |x| < 65504);
+Any float dtype is taken and stored as float16 (values must be finite there: |x| < 65504;
+complex and integer arrays are refused, as are boxes outside [0, 1]);
 other keys are ignored. A file needs at least min_bb boxes (else lower --min_bb)."""
 
 
@@ -57,9 +59,20 @@ def check_arrays(arrays, nbb):
     lengths = {k: len(a) for k, a in arrays.items()}
     if set(lengths.values()) != {nbb}:
         raise ValueError(f"{nbb} boxes kept but the arrays hold {lengths} rows")
-    for key in ("features", "norm_bb"):
-        if not np.isfinite(arrays[key]).all():
+    for key in ("features", "norm_bb", "conf"):
+        if key in arrays and not np.isfinite(arrays[key]).all():
             raise ValueError(f"non-finite values in {key} (as float16)")
+    if bb.size and not (BOX_RANGE[0] <= bb.min() and bb.max() <= BOX_RANGE[1]):
+        raise ValueError(f"norm_bb values in [{float(bb.min()):g}, {float(bb.max()):g}]: boxes must be normalised "
+                         f"to [0, 1] (x divided by the image's width, y by its height), not in pixels")
+
+
+def check_dtypes(dump):
+    """Refuse arrays that are not real floats before the float16 cast, which would drop an
+    imaginary part (with only a warning) or take integer pixel boxes as they are."""
+    for key in ARRAYS:
+        if key in dump and dump[key].dtype.kind != "f":
+            raise ValueError(f"{key} of dtype {dump[key].dtype}, expected real floating point values")
 
 
 def load_npz(path, conf_th, max_bb, min_bb, num_bb, keep_all):
@@ -70,7 +83,10 @@ def load_npz(path, conf_th, max_bb, min_bb, num_bb, keep_all):
             dump = {k: npz[k] for k in npz.files}
         if "features" not in dump or "norm_bb" not in dump:
             raise ValueError("no features/norm_bb arrays")
+        check_dtypes(dump)
         if keep_all:
+            if "nbb" not in dump or dump["nbb"].shape != () or dump["nbb"].dtype.kind not in "iu":
+                raise ValueError("--keep_all reads the box count from an integer scalar 'nbb', which this file lacks")
             nbb = int(dump["nbb"])
         elif conf_th == -1:
             nbb = min(num_bb, len(dump["conf"]))

@@ -20,30 +20,15 @@ import os
 from os.path import join
 
 from data import DataError
+from data.groups import annotated_in_split, read_annotations  # noqa: F401  (read_annotations: this script's name)
 from model.iais import VARIANTS
 from scripts.checkpoint_split import open_split, split_inputs, split_parser
 from utils.cli import run
-from utils.config import POSITIVE, ConfigError, load_json
+from utils.config import POSITIVE
 from model.isd import annotated_isd, layer_attention_blocks, pair_isd
 from utils.outputs import atomic_write, refuse_overwriting_inputs, refuse_unwritable, write_json
 
 WRITTEN = ("isd.json", "isd.png")
-
-
-def read_annotations(path):
-    """{text id: [(word indices, box indices), ...]}, checked for shape and types."""
-    annotations = load_json(path, "annotations")
-    ok = isinstance(annotations, dict) and all(
-        isinstance(pairs, list) and all(
-            isinstance(pair, list) and len(pair) == 2 and all(
-                isinstance(idx, list) and idx and all(isinstance(i, int) and not isinstance(i, bool) for i in idx)
-                for idx in pair)
-            for pair in pairs)
-        for pairs in annotations.values())
-    if not ok:
-        raise ConfigError(f"annotations {path} must map text ids to lists of [[word indices], [box indices]] "
-                          f"(non-empty lists of integers)")
-    return annotations
 
 
 def check_alignments(txt_id, alignments, n_words, n_boxes, path):
@@ -93,6 +78,8 @@ def main(opts):
     sums = [{v: 0.0 for v in VARIANTS} for _ in range(n_layers)]
     isda = [[] for _ in range(n_layers)]
     n_pairs = min(opts.max_pairs, len(dataset))
+    if opts.annotations:
+        annotated_in_split(annotations, opts.annotations, dataset.ids, n_pairs)
     for i in range(n_pairs):
         txt_id, batch, n_words, n_boxes = dataset.pair_batch(i)
         for layer, blocks in enumerate(layer_attention_blocks(model, batch)):

@@ -6,7 +6,8 @@
 writes one txt_db per split: itm_flickr30k_{train,val,test}.db, or for COCO
 itm_coco_{train,restval,val,test}.db. Captions are WordPiece-tokenised with BERT's
 tokenizer from a local vocab file (bert-base-cased unless told otherwise). Text ids are
-the Karpathy sentence ids. Each caption's ``img_fname`` names its image in the released
+the Karpathy sentence ids (unique in the file: a JSON whose sentids restart for each image is
+refused). Each caption's ``img_fname`` names its image in the released
 img_dbs: Flickr30k "flickr30k_{stem:012d}.npz" (1000092795.jpg -> flickr30k_001000092795.npz),
 COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change it with
 --img_fname (fields: stem, filename, filepath, cocoid, imgid, dataset). The share of
@@ -15,30 +16,20 @@ is written unless --allow_unk. meta.json records the vocab file's name and sha25
 """
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import os
-import re
 from os.path import exists, join
 
 from tqdm import tqdm
 
 from data import DataError, write_txt_db
+from data.karpathy import SPLITS, karpathy_entries, read_dataset, template_fields
 from data.txt_db import TXT_DB_FILES
 from scripts.wordpiece import (add_tokenizer_args, build_meta, caption_value, check_unk_share, load_tokenizer,
-                               unk_share)
+                               refuse_wrapped, unk_share)
 from utils.cli import run
-from utils.config import ConfigError, load_json, make_parser
+from utils.config import make_parser
 from utils.outputs import refuse_overwriting_inputs, refuse_unwritable
 
-DEFAULT_FNAME = {"flickr30k": "flickr30k_{stem:012d}.npz", "coco": "coco_{filepath}_{cocoid:012d}.npz"}
-SPLITS = {"flickr30k": ("train", "val", "test"), "coco": ("train", "restval", "val", "test")}
 MAX_UNK_SHARE = 0.05
-
-
-def image_fields(img, dataset):
-    stem = os.path.splitext(img["filename"])[0]
-    digits = re.findall(r"\d+", stem)
-    return {"stem": int(digits[-1]) if digits else stem, "filename": img["filename"],
-            "filepath": img.get("filepath", ""), "cocoid": img.get("cocoid", img.get("imgid")),
-            "imgid": img.get("imgid"), "dataset": dataset}
 
 
 def build_parser():
@@ -54,41 +45,16 @@ def build_parser():
     return p
 
 
-def read_annotation(path):
-    """The Karpathy JSON's image list, each entry with what the conversion reads."""
-    ann = load_json(path, "annotation")
-    images = ann.get("images") if isinstance(ann, dict) else None
-    if not isinstance(images, list):
-        raise ConfigError(f"{path}: no 'images' list; pass a Karpathy-split JSON (dataset_flickr30k.json)")
-    for k, img in enumerate(images):
-        if not (isinstance(img, dict) and isinstance(img.get("filename"), str) and "split" in img
-                and isinstance(img.get("sentences"), list)
-                and all(isinstance(s, dict) and "sentid" in s and ("raw" in s or "tokens" in s)
-                        for s in img["sentences"])):
-            raise ConfigError(f"{path}: images[{k}] needs 'filename', 'split' and 'sentences' (each with 'sentid' "
-                              f"and 'raw' or 'tokens')")
-    return ann, images
-
-
-def caption_fname(template, fields):
-    try:
-        return template.format(**fields)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"--img_fname {template!r} does not fit image {fields['filename']!r} ({type(e).__name__}: "
-                          f"{e}); fields: {', '.join(fields)}") from None
-
-
-def tokenise(images, dataset, template, tokenizer):
-    """{split: {text id: txt_db value}} of the dataset's splits."""
-    splits = {s: {} for s in SPLITS[dataset]}
-    for img in tqdm(images, desc="tokenising"):
-        if img["split"] not in splits:
-            continue
-        fname = caption_fname(template, image_fields(img, dataset))
-        for sent in img["sentences"]:
-            raw = sent.get("raw") or " ".join(sent["tokens"])
-            txt_id = str(sent["sentid"])
-            splits[img["split"]][txt_id] = caption_value(tokenizer, raw, txt_id, fname)
+def tokenise(entries, tokenizer, meta):
+    """{split: {text id: txt_db value}} of read_karpathy's entries; a caption that already
+    holds [CLS] or [SEP] is refused (the model input wraps every caption in them)."""
+    splits = {}
+    for split, fname, captions in tqdm(entries, desc="tokenising"):
+        examples = splits.setdefault(split, {})
+        for txt_id, raw in captions:
+            value = caption_value(tokenizer, raw, txt_id, fname)
+            refuse_wrapped(value, meta, f"sentid {txt_id!r}")
+            examples[txt_id] = value
     return splits
 
 
@@ -97,21 +63,21 @@ def main(opts):
         if not exists(path):
             raise DataError(f"{path} not found")
     refuse_unwritable("--output", opts.output, folder=True)
-    ann, images = read_annotation(opts.annotation)
-    dataset = opts.dataset or ann.get("dataset")
-    if dataset not in SPLITS:
-        raise ConfigError(f"unknown dataset {dataset!r} in {opts.annotation}; pass --dataset flickr30k or coco")
-    template = opts.img_fname or DEFAULT_FNAME[dataset]
+    if opts.img_fname is not None:
+        template_fields(opts.img_fname)
+    dataset, images = read_dataset(opts.annotation, opts.dataset)
     db_dirs = {split: join(opts.output, f"itm_{dataset}_{split}.db") for split in SPLITS[dataset]}
     refuse_overwriting_inputs([("--output", join(d, name), opts.output) for d in db_dirs.values()
                                for name in TXT_DB_FILES], [("--annotation", opts.annotation), ("--vocab", opts.vocab)])
     taken = [d for d in db_dirs.values() if exists(join(d, "data.mdb"))]
     if taken:  # refused before any split is written, so no set of DBs is left half new
         raise DataError(f"{taken[0]} already holds an LMDB; remove it or choose another --output")
+    entries = karpathy_entries(opts.annotation, dataset, images, opts.img_fname)
     tokenizer = load_tokenizer(opts)
     meta = build_meta(tokenizer, opts.toker, opts.vocab)
 
-    splits = tokenise(images, dataset, template, tokenizer)
+    splits = {split: {} for split in SPLITS[dataset]}
+    splits.update(tokenise(entries, tokenizer, meta))
     unknown, total = unk_share((e["input_ids"] for examples in splits.values() for e in examples.values()),
                                meta["UNK"])
     print(check_unk_share(unknown, total, opts.vocab, opts.allow_unk, MAX_UNK_SHARE))

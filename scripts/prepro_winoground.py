@@ -15,11 +15,12 @@ ex_0_img_0.npz.
 import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
 import json
 import os
+import string
 from os.path import join
 
 from data import DataError, write_txt_db
 from data.txt_db import TXT_DB_FILES
-from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer
+from scripts.wordpiece import add_tokenizer_args, build_meta, caption_value, load_tokenizer, refuse_wrapped
 from utils.cli import run
 from utils.config import ConfigError, make_parser
 from utils.outputs import refuse_overwriting_inputs, refuse_unwritable, write_json
@@ -43,26 +44,39 @@ def read_examples(path):
     """The examples of a JSON-lines file, each checked for the fields used here."""
     if not os.path.exists(path):
         raise ConfigError(f"examples file {path} not found")
+    if os.path.isdir(path):
+        raise ConfigError(f"examples file {path} is a folder; pass Winoground's examples.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); pass Winoground's examples.jsonl") from None
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {n}: invalid JSON ({e.msg}); one example per line") from None
-            missing = [k for k in FIELDS if not isinstance(example, dict) or k not in example]
-            if missing:
-                raise DataError(f"{path} line {n} lacks {', '.join(missing)}; every example needs "
-                                f"{', '.join(FIELDS)}")
-            examples.append(example)
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} line {n}: invalid JSON ({e.msg}); one example per line") from None
+        except (RecursionError, ValueError) as e:
+            raise DataError(f"{path} line {n}: unreadable JSON ({type(e).__name__}); one example per line") from None
+        missing = [k for k in FIELDS if not isinstance(example, dict) or k not in example]
+        if missing:
+            raise DataError(f"{path} line {n} lacks {', '.join(missing)}; every example needs "
+                            f"{', '.join(FIELDS)}")
+        wrong = [k for k in FIELDS[1:] if not isinstance(example[k], str) or not example[k].strip()]
+        if wrong or isinstance(example["id"], bool) or not isinstance(example["id"], (int, str)):
+            field = wrong[0] if wrong else "id"
+            raise DataError(f"{path} line {n}: {field} is {str(example[field])[:40]!r}; captions and image names "
+                            f"are non-empty strings, the id an integer or a string")
+        examples.append(example)
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
 
 
-def captions_and_groups(examples, tokenizer, img_fname):
+def captions_and_groups(examples, tokenizer, img_fname, meta):
     """({text id: txt_db value}, [group]) of the examples; caption k goes with image k."""
     captions, groups = {}, []
     for example in examples:
@@ -73,6 +87,7 @@ def captions_and_groups(examples, tokenizer, img_fname):
                 raise DataError(f"example id {example['id']!r} occurs twice; ids must be unique")
             image = img_fname.format(image=example[f"image_{k}"])
             captions[txt_id] = caption_value(tokenizer, example[f"caption_{k}"], txt_id, image)
+            refuse_wrapped(captions[txt_id], meta, f"text id {txt_id!r}")
             group[f"caption_{k}"], group[f"image_{k}"] = txt_id, image
         groups.append(group)
     return captions, groups
@@ -91,15 +106,19 @@ def main(opts):
     if not os.path.exists(opts.vocab):
         raise ConfigError(f"vocab file {opts.vocab} not found")
     try:
+        names = [name for _, name, _, _ in string.Formatter().parse(opts.img_fname) if name is not None]
         opts.img_fname.format(image="ex_0_img_0")
     except (KeyError, IndexError, ValueError):
-        raise ConfigError(f"--img_fname {opts.img_fname!r} may only use the field {{image}}") from None
+        names = None
+    if names is None or any(name != "image" for name in names):  # no {image.attr} or {image[0]} either
+        raise ConfigError(f"--img_fname {opts.img_fname!r} may only use the field {{image}}")
     tokenizer = load_tokenizer(opts)
     examples = read_examples(opts.examples)
-    captions, groups = captions_and_groups(examples, tokenizer, opts.img_fname)
+    meta = build_meta(tokenizer, opts.toker, opts.vocab)
+    captions, groups = captions_and_groups(examples, tokenizer, opts.img_fname, meta)
     os.makedirs(opts.output, exist_ok=True)
     db_dir = join(opts.output, DB_NAME)
-    write_txt_db(db_dir, captions, build_meta(tokenizer, opts.toker, opts.vocab))
+    write_txt_db(db_dir, captions, meta)
     write_json(join(opts.output, GROUPS_NAME), groups, indent=1)
     print(f"{db_dir}: {len(captions)} captions of {len({c['img_fname'] for c in captions.values()})} images; "
           f"{join(opts.output, GROUPS_NAME)}: {len(groups)} groups")

@@ -29,12 +29,12 @@ import torch
 from data import DataError
 from utils.checkpoint import load_checkpoint
 from utils.cli import run
-from utils.config import ConfigError, add_counting_arg, make_parser
-from utils.logger import setup_logging
+from utils.config import ConfigError, Range, add_counting_arg, make_parser
+from utils.logger import LOGGER, setup_logging
 from utils.outputs import lock_output_file, refuse_overwriting_inputs, refuse_unwritable, write_json
 from utils.retrieval_metrics import (KS, RECALL_KEYS, confidence_intervals, counting_name,
                                      fold_metrics, gt_image_index, metrics_from_ranks, paired_comparison,
-                                     group_indices, query_hits, query_ranks, winoground_scores)
+                                     group_indices, query_hits, query_ranks, scored_counts, winoground_scores)
 
 SCORE_FILE_KEYS = ("scores", "txt_ids", "img_ids", "txt2img")
 COMPARE_BOOTSTRAP = 1000
@@ -47,7 +47,7 @@ def build_parser():
     a("--output", required=True, help="JSON file for the metrics")
     a("--folds", type=int, default=0, help="also average over N folds of consecutive images (COCO 1K: 5)")
     a("--bootstrap", type=int, default=0, help="resamples for the 95%% intervals (0: none)")
-    a("--seed", type=int, default=42, help="seed of the resampling")
+    a("--seed", type=int, default=42, valid=Range(0, 2**32 - 1), help="seed of the resampling")
     a("--compare", default=None, help="score_matrix.pt of another model on the same split")
     a("--groups", default=None, help="JSON list of Winoground-style twin groups")
     add_counting_arg(p)
@@ -65,13 +65,29 @@ def load_score_file(path):
     wrong = [k for k, kind in types.items() if not isinstance(data[k], kind)]
     if wrong:
         raise DataError(f"{path}: {', '.join(wrong)} of the wrong type; give a score_matrix.pt written by inf_itm.py")
-    scores, txt_ids, img_ids = data["scores"].float(), data["txt_ids"], data["img_ids"]
+    txt_ids, img_ids = data["txt_ids"], data["img_ids"]
+    if data["scores"].is_complex() or data["scores"].dtype == torch.bool:
+        raise DataError(f"{path}: scores of dtype {data['scores'].dtype}, expected real numbers")
+    if not txt_ids or not img_ids:
+        raise DataError(f"{path} holds {len(txt_ids)} texts and {len(img_ids)} images: nothing to score; "
+                        f"evaluate a split with captions and images")
+    for kind, ids in (("text", txt_ids), ("image", img_ids)):
+        bad = next((i for i in ids if not isinstance(i, str)), None)
+        if bad is not None:
+            raise DataError(f"{path}: a {kind} id is {type(bad).__name__} {str(bad)[:40]}, ids are strings; give a "
+                            f"score_matrix.pt written by inf_itm.py")
+    scores = data["scores"].float()
     if scores.shape != (len(txt_ids), len(img_ids)):
         raise DataError(f"{path}: scores are {tuple(scores.shape)} but the file names {len(txt_ids)} texts "
                         f"and {len(img_ids)} images")
     for kind, ids in (("text", txt_ids), ("image", img_ids)):
         if len(set(ids)) != len(ids):
             raise DataError(f"{path}: its {kind} ids repeat; evaluate again with inf_itm.py")
+    # a text without an entry is named by gt_image_index
+    bad = next((t for t in txt_ids if t in data["txt2img"] and not isinstance(data["txt2img"][t], str)), None)
+    if bad is not None:
+        raise DataError(f"{path}: txt2img gives text {bad!r} the image {str(data['txt2img'][bad])[:40]}, not "
+                        f"an image id (a string); give a score_matrix.pt written by inf_itm.py")
     if not torch.isfinite(scores.sum(dtype=torch.float64)):  # one pass; float64 cannot overflow here
         n_bad = int((~torch.isfinite(scores)).sum())
         raise DataError(f"{path}: {n_bad} scores are NaN or infinite; the model's outputs are not usable "
@@ -132,9 +148,18 @@ def compute(opts):
         raise ConfigError(f"--folds {opts.folds} is more than the {len(img_ids)} images of {opts.scores}")
     counting = bool(opts.original_counting)
     ranks = query_ranks(scores, gt_img)
-    result = {"counting": counting_name(counting), "n_texts": len(txt_ids), "n_images": len(img_ids),
-              **metrics_from_ranks(*ranks, counting)}
+    scored = scored_counts(txt_ids, img_ids, gt_img)
+    if scored["unmatched_images"]:
+        unmatched = scored["unmatched_images"]
+        LOGGER.warning("%s: %d of its %d images have no text (first: %s): candidates of the text queries, left "
+                       "out as image queries (unmatched_images in %s)", opts.scores, len(unmatched), len(img_ids),
+                       ", ".join(unmatched[:3]), opts.output)
+    result = {"counting": counting_name(counting), **scored, **metrics_from_ranks(*ranks, counting)}
     if opts.folds:
+        n_matched = len(img_ids) - len(scored["unmatched_images"])
+        if opts.folds > n_matched:
+            raise ConfigError(f"--folds {opts.folds} is more than the {n_matched} images of {opts.scores} that "
+                              f"have texts")
         result["folds"] = {"n": opts.folds, **fold_metrics(scores, gt_img, opts.folds, counting)}
     hits = query_hits(*ranks, counting)
     if opts.bootstrap:
@@ -164,8 +189,10 @@ def _recall_rows(metrics, intervals=None):
 
 
 def format_report(opts, result):
-    lines = [f"{opts.scores}: {result['n_texts']} texts, {result['n_images']} images "
-             f"({result['counting']} recall counting)"]
+    unmatched = len(result["unmatched_images"])
+    lines = [f"{opts.scores}: {result['n_texts']} texts, {result['n_images']} images"
+             + (f" ({unmatched} without a text, no image query)" if unmatched else "")
+             + f" ({result['counting']} recall counting)"]
     lines += _recall_rows(result, result.get("ci95"))
     if "folds" in result:
         lines += ["", f"mean over {result['folds']['n']} folds of consecutive images"]

@@ -3,9 +3,11 @@ flags, BERT's WordPiece tokenizer of a local vocab file, a txt_db's meta.json an
 value, and the share of [UNK] among a set of captions' tokens."""
 import hashlib
 import re
-from os.path import basename
+import sys
+from os.path import basename, isdir, isfile
 
 from data import DataError
+from data.txt_db import KNOWN_VOCAB_SIZES
 from utils.config import ConfigError
 
 
@@ -18,8 +20,22 @@ def add_tokenizer_args(parser):
     a("--uncased", action="store_true", help="lower-case captions (uncased vocabularies)")
 
 
+def check_vocab_file(path):
+    """A vocab file is UTF-8 text, one WordPiece token a line."""
+    if not isfile(path):
+        raise DataError(f"--vocab {path} is {'a folder' if isdir(path) else 'not found'}; pass the WordPiece "
+                        f"vocab file (bert-base-cased-vocab.txt)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"--vocab {path} is not UTF-8 text (byte {e.start}); pass the WordPiece vocab file "
+                        f"(bert-base-cased-vocab.txt), one token a line") from None
+
+
 def load_tokenizer(opts):
     """The WordPiece tokenizer of the add_tokenizer_args flags."""
+    check_vocab_file(opts.vocab)
     try:
         from pytorch_pretrained_bert import BertTokenizer
     except ImportError:
@@ -32,6 +48,10 @@ def build_meta(tokenizer, toker_name, vocab_path):
     lacking = [k for k in ("UNK", "CLS", "SEP", "MASK") if f"[{k}]" not in vocab]
     if lacking:
         raise DataError(f"--vocab {vocab_path} has no [{lacking[0]}] token; pass a BERT WordPiece vocab file")
+    expected = KNOWN_VOCAB_SIZES.get(toker_name)
+    if expected is not None and expected != len(vocab):  # meta.json would name another tokenizer
+        print(f"WARNING: --vocab {vocab_path} has {len(vocab)} tokens but --toker {toker_name} has {expected}; "
+              f"meta.json records toker {toker_name!r}: pass the --toker this vocab belongs to", file=sys.stderr)
     ids = {k: vocab[f"[{k}]"] for k in ("UNK", "CLS", "SEP", "MASK")}
     first_word = next(i for tok, i in sorted(vocab.items(), key=lambda kv: kv[1])
                       if i > ids["MASK"] and not re.fullmatch(r"\[.*\]", tok))
@@ -66,6 +86,15 @@ def check_unk_share(unknown, total, vocab_path, allow, limit):
                         f"vocab for cased text: bert-base-cased-vocab.txt, `bash scripts/download_itm.sh --only "
                         f"vocab STORAGE`; --uncased for an uncased one); --allow_unk writes the DBs anyway")
     return line
+
+
+def refuse_wrapped(value, meta, what):
+    """A caption whose tokens already hold [CLS] or [SEP] (text written with them) would be
+    wrapped a second time at load: refused, naming the caption."""
+    for name in ("CLS", "SEP"):
+        if meta[name] in value["input_ids"]:
+            raise DataError(f"caption of {what} already holds [{name}] (token id {meta[name]}): captions are stored "
+                            f"without [CLS]/[SEP], which are added at load; remove them from the text")
 
 
 def caption_value(tokenizer, raw, txt_id, img_fname):

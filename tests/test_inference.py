@@ -22,7 +22,9 @@ ORIGINAL = ["--original_counting", "1"]
 
 def check_outputs(out):
     with open(out / "scores.json") as f:
-        assert json.load(f) == {**REF["eval_log"], "counting": "original"}
+        # the original's log exactly, and beside it what was scored: the fixture's 60 captions of 12 images
+        assert json.load(f) == {**REF["eval_log"], "counting": "original", "n_texts": 60, "n_images": 12,
+                                "unmatched_images": []}
     saved = torch.load(out / "score_matrix.pt", weights_only=True)
     assert saved["txt_ids"] == REF["txt_ids"] and saved["img_ids"] == REF["img_ids"]
     torch.testing.assert_close(saved["scores"], REF["score"], rtol=0, atol=1e-5)

@@ -73,10 +73,14 @@ def test_non_finite_scores_rank_above_the_true_match():
     assert img_ranks.tolist() == [1, 3, 2]
 
 
-def test_images_without_texts_never_count():
-    scores = torch.tensor([[0.9, 0.1, 0.2]])
-    metrics = retrieval_metrics(scores, torch.tensor([0]))
-    assert metrics["txt_r10"] == pytest.approx(1 / 3)  # only I0 has a text to find
+def test_images_without_texts_are_candidates_but_no_queries():
+    """I1 and I2 have no text: nothing can be found for them, so they are no image query
+    (counted as misses they would turn a perfect text R@1 into 1/3), but they stay
+    candidates of the text queries (I2 outscores I0 for the second text)."""
+    scores = torch.tensor([[0.9, 0.1, 0.2], [0.3, 0.1, 0.5]])
+    metrics = retrieval_metrics(scores, torch.tensor([0, 0]))
+    assert metrics["txt_r1"] == 1.0 and metrics["txt_medr"] == 1
+    assert metrics["img_r1"] == 0.5 and metrics["img_r5"] == 1.0
 
 
 def test_folds_follow_the_split_order_of_the_images():

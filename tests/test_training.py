@@ -51,7 +51,10 @@ def test_tiny_run_end_to_end(tmp_path, iais):
                "--output_dir", str(tmp_path / "eval"), "--batch_size", "8", "--n_workers", "0"])
     assert res.returncode == 0, res.stderr
     test_log = json.loads((out / "results_test" / "results_8.json").read_text())
-    assert json.loads((tmp_path / "eval" / "scores.json").read_text()) == test_log
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert {key: scores[key] for key in test_log} == test_log
+    # scores.json also says what was scored: the fixture split's 60 captions of 12 images
+    assert (scores["n_texts"], scores["n_images"], scores["unmatched_images"]) == (60, 12, [])
 
 
 def test_recipe_optimises_the_ranking_loss():

@@ -32,10 +32,17 @@ def recall_means(metrics):
     return log
 
 
-def write_recall_log(path, log, counting):
+def write_recall_log(path, log, counting, scored=None):
     """A :func:`recall_means` log as the results JSON both entry points write (training's
-    results_test/results_N.json, inf_itm.py's scores.json), with its ``counting`` named."""
-    write_json(path, {**log, "counting": counting}, indent=2)
+    results_test/results_N.json, inf_itm.py's scores.json), with its ``counting`` named and
+    what was scored (:func:`scored_counts`) when given."""
+    write_json(path, {**log, "counting": counting, **(scored or {})}, indent=2)
+
+
+def scored_counts(txt_ids, img_ids, gt_img):
+    """What a score matrix scored: ``n_texts``, ``n_images`` (all candidates), and
+    ``unmatched_images``, the images without a text, left out as queries."""
+    return {"n_texts": len(txt_ids), "n_images": len(img_ids), "unmatched_images": unmatched_image_ids(gt_img, img_ids)}
 
 
 def format_recall_table(log, original_counting=False):
@@ -100,11 +107,27 @@ def image_query_ranks(scores, gt_img):
     return 1 + other_at_or_above
 
 
+def matched_images(img_ranks, n_txt):
+    """Bool mask [n_img] of the images that have a text: the image queries. An image with
+    texts ranks at most n_txt, one without them at n_txt + 1 (image_query_ranks)."""
+    return img_ranks <= n_txt
+
+
+def unmatched_image_ids(gt_img, img_ids):
+    """The ids of the images no text belongs to (candidates for the text queries, but no
+    image query: nothing could be found for them)."""
+    has_text = torch.zeros(len(img_ids), dtype=torch.bool)
+    has_text[gt_img] = True
+    return [img_ids[j] for j in (~has_text).nonzero().squeeze(1).tolist()]
+
+
 def query_hits(txt_ranks, img_ranks, original_counting=False):
     """Hits per query and recall key: {key: float tensor [n_queries]} (img_* over the text
-    queries, txt_* over the image queries); the mean of each is its recall."""
+    queries, txt_* over the image queries: the images that have a text); the mean of each
+    is its recall."""
     n_txt, n_img = len(txt_ranks), len(img_ranks)
-    # an image with texts ranks at most n_txt, one without them at n_txt + 1: never a hit
+    # an image without texts would count as a query that always misses: it is none
+    img_ranks = img_ranks[matched_images(img_ranks, n_txt)]
     hits = {f"txt_r{k}": (img_ranks <= min(k, n_txt)).double() for k in KS}
     for k in KS:
         hit = (txt_ranks <= k).double()
@@ -122,11 +145,13 @@ def query_ranks(scores, gt_img):
 def metrics_from_ranks(txt_ranks, img_ranks, original_counting=False):
     """R@1/5/10 both ways (fractions), their sum ``rsum`` and the median ranks (the lower
     of the two middle ranks for an even count)."""
+    if not len(txt_ranks):
+        raise ValueError("no text to score: recall needs at least one text and its image")
     hits = query_hits(txt_ranks, img_ranks, original_counting)
     metrics = {key: float(hit.mean()) for key, hit in hits.items()}
     metrics["rsum"] = sum(metrics[key] for key in RECALL_KEYS)
     metrics["img_medr"] = int(txt_ranks.median())  # torch's median is the lower middle value
-    metrics["txt_medr"] = int(img_ranks.median())
+    metrics["txt_medr"] = int(img_ranks[matched_images(img_ranks, len(txt_ranks))].median())
     return metrics
 
 
@@ -145,9 +170,15 @@ def images_in_split_order(gt_img, n_img):
 def fold_metrics(scores, gt_img, n_folds, original_counting=False):
     """Metrics averaged over ``n_folds`` folds of consecutive images in the split's order,
     each fold's images scored against their own texts only (the MS COCO 1K protocol on the
-    5K test set). Folds are as equal as possible."""
+    5K test set). Folds are as equal as possible and made of the images that have texts
+    (those without have no place in the split's order). Raises ValueError when there are
+    fewer such images than folds."""
+    order = images_in_split_order(gt_img, scores.size(1))
+    n_matched = len(torch.unique(gt_img))
+    if not 1 <= n_folds <= n_matched:
+        raise ValueError(f"{n_folds} folds of {n_matched} images with texts: each fold needs at least one")
     per_fold = []
-    for columns in images_in_split_order(gt_img, scores.size(1)).tensor_split(n_folds):
+    for columns in order[:n_matched].tensor_split(n_folds):
         rows = torch.isin(gt_img, columns).nonzero().squeeze(1)
         local = torch.full((scores.size(1),), -1, dtype=torch.long)
         local[columns] = torch.arange(len(columns))
@@ -236,6 +267,10 @@ def group_indices(groups_path, txt_ids, img_ids):
                 raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not {what} id of the "
                                   f"score file; use the ids of the split it was evaluated on")
             index[key].append(position[kind][group[key]])
+        for a, b in (("caption_0", "caption_1"), ("image_0", "image_1")):
+            if group[a] == group[b]:
+                raise ConfigError(f"{groups_path}: group {n} has {group[a]!r} as both {a} and {b}; a twin group "
+                                  f"pairs two different captions and two different images")
     captions = torch.tensor([index["caption_0"], index["caption_1"]]).t()
     images = torch.tensor([index["image_0"], index["image_1"]]).t()
     return captions, images
