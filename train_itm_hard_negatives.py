@@ -46,6 +46,9 @@ CONFIG_ONLY_KEYS = {"train_txt_dbs": "paths", "train_img_dbs": "paths", "val_txt
 
 
 def add_validation_args(a):
+    a("--valid_steps", type=int, default=1000, valid=POSITIVE, help="validate and checkpoint every N optimizer steps")
+    a("--save_steps", type=int, default=None, valid=POSITIVE,
+      help="also checkpoint (without validating) every N optimizer steps; default: only at validations")
     a("--full_val", action="store_true", help="full R@K evaluation at every validation")
     a("--best_metric", type=str, default=None,
       help="validation scalar whose highest value picks ckpt/best.pt (default: the mean recall, "
@@ -66,9 +69,6 @@ def build_parser():
     a("--inf_minibatch_size", type=int, default=512, valid=POSITIVE, help="images per forward in validation/evaluation")
     a("--margin", type=float, default=0.2, valid=NON_NEGATIVE, help="margin of the ranking loss")
     a("--learning_rate", type=float, default=3e-5, valid=Range(0, low_open=True), help="peak learning rate")
-    a("--valid_steps", type=int, default=1000, valid=POSITIVE, help="validate and checkpoint every N optimizer steps")
-    a("--save_steps", type=int, default=None, valid=POSITIVE,
-      help="also checkpoint (without validating) every N optimizer steps; default: only at validations")
     a("--num_train_steps", type=int, default=100000, valid=POSITIVE, help="optimizer steps in all")
     a("--optim", default="adam", choices=["adam", "adamax", "adamw"], help="optimizer")
     a("--betas", type=float, nargs="+", default=[0.9, 0.98], valid=PROBABILITY, help="Adam betas")

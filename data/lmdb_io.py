@@ -7,13 +7,16 @@ from os.path import exists, isdir, join
 
 import lmdb
 
+from utils.environment import env_int
+
 from .errors import DataError
 
 
 def _processes_on_this_node():
     for var in ("LOCAL_WORLD_SIZE", "HOROVOD_LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"):
-        if os.environ.get(var):
-            return int(os.environ[var])
+        count = env_int(var, low=1, advice="launch with torchrun or horovodrun, or unset it")
+        if count is not None:
+            return count
     return 1
 
 

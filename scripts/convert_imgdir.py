@@ -9,7 +9,10 @@ files and unusable ones (no box, features not 2048-d, arrays of different length
 values that are not real, finite floats, boxes outside [0, 1]) are skipped and listed at
 the end.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import argparse
 import glob
 import multiprocessing as mp

@@ -14,7 +14,10 @@ COCO "coco_{filepath}_{cocoid:012d}.npz" (coco_val2014_000000391895.npz); change
 [UNK] tokens is reported; above 5% (a vocabulary that does not fit the captions) nothing
 is written unless --allow_unk. meta.json records the vocab file's name and sha256.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import os
 from os.path import exists, join
 

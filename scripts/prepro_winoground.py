@@ -12,7 +12,10 @@ needs the fields id, image_0, image_1, caption_0 and caption_1. An image's img_f
 scripts/convert_imgdir.py gives the BUTD features of images/ex_0_img_0.png saved as
 ex_0_img_0.npz.
 """
-import utils.threads  # noqa: F401  (first: sets the OpenMP thread count before torch loads OpenMP)
+import sys  # the repository this file is in comes first, whatever the path names (another clone, none)
+from os.path import dirname, realpath
+sys.path.insert(0, dirname(dirname(realpath(__file__))))
+import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
 import json
 import os
 import string

@@ -164,7 +164,7 @@ def test_group_negatives_resume_where_they_stopped(txt_db, img_db):
 def test_demo_relations_paired_bootstrap():
     """Seeds and twin groups resampled together: no difference gives [0, 0] and p = 1; a
     variant better on every group of every seed gives an interval above 0."""
-    from scripts.demo_relations import paired_bootstrap
+    from scripts.relations_stats import paired_bootstrap
 
     def outcomes(passed):  # every twin group passes (or fails) everything
         flags = torch.full((40,), passed)

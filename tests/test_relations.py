@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from helpers import run
-from scripts.demo_relations import curve_area, median_steps, planned_runs, steps_to_learn, twin_outcomes
+from scripts.demo_relations import planned_runs
+from scripts.relations_stats import curve_area, median_steps, steps_to_learn, twin_outcomes
 from utils.retrieval_metrics import winoground_summary
 from utils.survival import (fisher_exact, fisher_power, kaplan_meier, logrank, logrank_detectable_hazard_ratio,
                             smallest_detectable_share)

@@ -534,7 +534,7 @@ def test_scripts_of_a_moved_copy_import_their_own_modules(tmp_path):
 
 
 # scripts that still need the repository on the path (PYTHONPATH or the venv's .pth, README, Troubleshooting)
-WITHOUT_BOOTSTRAP = {"prepro_itm.py", "convert_imgdir.py", "prepro_winoground.py"}
+WITHOUT_BOOTSTRAP = set()
 BOOTSTRAP = ["import sys", "from os.path import dirname, realpath",
              "sys.path.insert(0, dirname(dirname(realpath(__file__))))"]
 
