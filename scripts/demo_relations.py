@@ -156,7 +156,7 @@ def pooled_tables(output, groups_path, finished):
     """OUTPUT/pooled.{md,tex,csv,json}: scripts/compare_runs.py on the last weights' score
     matrices, runs pooled per arm (differences paired by seed)."""
     arms = []
-    for name in VARIANTS:
+    for name in sorted(VARIANTS, key=lambda n: n != FAIR):  # compare_runs.py differences are to the first arm
         matrices = [join(run_folder(output, n, s), "eval", "score_matrix.pt") for n, s in finished if n == name]
         if matrices:
             arms += ["--arm", name, *matrices]
