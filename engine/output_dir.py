@@ -100,10 +100,10 @@ def make_run_folders(output_dir, resumed, hps, model_config):
     return folders
 
 
-def write_test_results(folders, step, log, counting):
-    write_recall_log(join(folders.results, f"results_{step}.json"), log, counting)
+def write_test_results(folders, step, log, counting, scored=None):
+    write_recall_log(join(folders.results, f"results_{step}.json"), log, counting, scored)
 
 
-def write_best_test_results(folders, record, log, counting):
+def write_best_test_results(folders, record, log, counting, scored=None):
     """results_test/best.json: the test split with ckpt/best.pt, ``record`` its step, metric and value."""
-    write_recall_log(join(folders.results, "best.json"), {**record, **log}, counting)
+    write_recall_log(join(folders.results, "best.json"), {**record, **log}, counting, scored)

@@ -7,7 +7,7 @@ from utils import distributed as dist
 from utils.checkpoint import load_model_state
 from utils.curves import draw_run
 from utils.logger import LOGGER
-from utils.retrieval_metrics import counting_name, format_recall_table
+from utils.retrieval_metrics import counting_name, format_recall_table, gt_image_index, scored_counts
 
 from .evaluation import evaluate
 from .output_dir import write_best_test_results, write_test_results
@@ -19,18 +19,25 @@ def _print_table(title, log, original_counting):
     print(f"{title}:\n{table}")
 
 
+def scored_of(dataset):
+    """What an evaluation of ``dataset`` (an ItmEvalDataset, whose ranks share the split's
+    captions) scores: utils.retrieval_metrics.scored_counts of the whole split."""
+    txt_ids = list(dataset.txt_db.id2len)
+    return scored_counts(txt_ids, dataset.all_img_ids, gt_image_index(txt_ids, dataset.all_img_ids, dataset.txt2img))
+
+
 def test_last_and_best(model, test_loader, last_step, best, folders, tb, original_counting, amp):
     """Evaluate the test split with the weights of ``last_step`` (the model as it is) and,
     when ``best`` (an engine.best.BestCheckpoint) knows a best validation, with ckpt/best.pt
     (the same numbers, not evaluated twice, when it is the last step's). Writes
     results_test/results_{last_step}.json and results_test/best.json, prints both tables.
     ``amp()`` gives the autocast context. -> (last step's log, best's log or None)."""
-    counting = counting_name(original_counting)
+    counting, scored = counting_name(original_counting), scored_of(test_loader.dataset)
     with amp():
         last_log = evaluate(model, test_loader, original_counting=original_counting)
     tb.log_scalar_dict(last_log, last_step, "eval/test_")
     if dist.is_main_process():
-        write_test_results(folders, last_step, last_log, counting)
+        write_test_results(folders, last_step, last_log, counting, scored)
         _print_table(f"test split, last weights (step {last_step})", last_log, original_counting)
     if best is None or best.step is None:
         return last_log, None
@@ -42,7 +49,7 @@ def test_last_and_best(model, test_loader, last_step, best, folders, tb, origina
     tb.log_scalar_dict(best_log, best.step, "eval/best_test_")
     if dist.is_main_process():
         record = {"step": best.step, "metric": best.metric, "value": best.value}
-        write_best_test_results(folders, record, best_log, counting)
+        write_best_test_results(folders, record, best_log, counting, scored)
         _print_table(f"test split, best weights (step {best.step}, {best.metric} {best.value:.4f})", best_log,
                      original_counting)
     return last_log, best_log

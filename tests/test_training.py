@@ -55,6 +55,7 @@ def test_tiny_run_end_to_end(tmp_path, iais):
     assert {key: scores[key] for key in test_log} == test_log
     # scores.json also says what was scored: the fixture split's 60 captions of 12 images
     assert (scores["n_texts"], scores["n_images"], scores["unmatched_images"]) == (60, 12, [])
+    assert (test_log["n_texts"], test_log["n_images"], test_log["unmatched_images"]) == (60, 12, [])
 
 
 def test_recipe_optimises_the_ranking_loss():
