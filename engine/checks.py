@@ -3,8 +3,9 @@ the model config or the checkpoint ends the run at once with one line naming it,
 of a crash hours later or a wrong number.
 
 Each costs at most a few seconds on the full Flickr30k and COCO DBs: the caption scan
-decodes every caption once, the image DBs are probed with one image each (features are
-checked for non-finite values as each image is first read, in data/img_db.py)."""
+decodes every caption once, the image DBs are probed with one image each (each image's
+arrays, their dtype, shapes, width, finiteness and box range, are checked as it is first
+read, in data/img_db.py)."""
 import os
 
 import torch
