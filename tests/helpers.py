@@ -2,11 +2,13 @@
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -117,6 +119,21 @@ def end_of_process():
     release_locks()
 
 
+@contextmanager
+def run_state_released():
+    """What an entry point run in this process holds, let go on leaving: the file handler
+    a run adds for its log.txt, and the locks of its outputs."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+            handler.close()
+        end_of_process()
+
+
 def entry(module, argv, monkeypatch, capsys):
     """(exit status, stderr) of an entry point run in this process with ``argv``, under the
     same wrapper as on the command line."""
@@ -130,10 +147,12 @@ def entry(module, argv, monkeypatch, capsys):
 
 
 def assert_one_line(code, err, *needles):
-    """Exit status 2, no traceback and one error line on stderr holding every needle."""
+    """Exit status 2, no traceback and one error line on stderr holding every
+    needle; -> that line."""
     assert code == 2, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     errors = [line for line in err.splitlines() if ": error: " in line]
     assert len(errors) == 1, err[-2000:]
     for needle in needles:
         assert needle in errors[0], errors[0]
+    return errors[0]

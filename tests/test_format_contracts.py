@@ -6,7 +6,6 @@ import contextlib
 import importlib
 import io
 import json
-import logging
 import os
 import shutil
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import end_of_process
+from helpers import assert_one_line as error_line, run_state_released
 
 REF_MODEL = os.path.join(FIXTURES, "ref_model.pt")
 IMG_SUB = "feat_th0.2_max100_min10"
@@ -34,10 +33,8 @@ def call(module, argv):
     mod = importlib.import_module(module)
     saved_argv, out, err = sys.argv, io.StringIO(), io.StringIO()
     sys.argv = [f"{module.rsplit('.', 1)[-1]}.py"] + [str(a) for a in argv]
-    root = logging.getLogger()
-    handlers = list(root.handlers)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with run_state_released(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 cli.run(mod.main, mod.build_parser(), getattr(mod, "CONFIG_ONLY_KEYS", {}))
                 code = 0
@@ -45,21 +42,7 @@ def call(module, argv):
                 code = e.code
     finally:
         sys.argv = saved_argv
-        for handler in [h for h in root.handlers if h not in handlers]:
-            root.removeHandler(handler)
-        end_of_process()
     return code, out.getvalue(), err.getvalue()
-
-
-def error_line(code, err, *needles):
-    """The one error line of a refused run: exit status 2, no traceback, every needle in it."""
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    errors = [line for line in err.splitlines() if ": error: " in line]
-    assert len(errors) == 1, err[-2000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 # ----------------------------------------------------------------------------- builders

@@ -5,7 +5,6 @@ the command line); the few cases that could kill a process with a signal run in 
 subprocess."""
 import importlib
 import json
-import logging
 import os
 import shutil
 import sys
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES, IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import assert_one_line, end_of_process, entry, run, tiny_train_config
+from helpers import assert_one_line, end_of_process, entry, run, run_state_released, tiny_train_config
 from utils import cli
 
 REF_MODEL = os.path.join(FIXTURES, "ref_model.pt")
@@ -26,13 +25,8 @@ IMG_SUB = "feat_th0.2_max100_min10"
 def _release_what_a_run_holds():
     """A training run in this process adds a file handler for its log.txt and locks its
     output_dir until the process ends: both are let go after each test."""
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-    end_of_process()
+    with run_state_released():
+        yield
 
 
 # ----------------------------------------------------------------------------- data builders

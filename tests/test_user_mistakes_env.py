@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURES, IMG_DB, ROOT, TINY_CONFIG, TXT_DB
-from helpers import PY, assert_one_line, end_of_process, entry, free_port, run, tiny_train_config
+from helpers import PY, assert_one_line, end_of_process, entry, free_port, run, run_state_released, tiny_train_config
 from scripts.repo import child_env
 from utils import distributed as dist
 from utils.checkpoint import load_model_state
@@ -39,13 +39,8 @@ def _alone(monkeypatch):
     """A single process's environment; what an entry point run here holds is let go after."""
     for name in LAUNCH_STATE:
         monkeypatch.delenv(name, raising=False)
-    root = logging.getLogger()
-    before = list(root.handlers)
-    yield
-    for handler in [h for h in root.handlers if h not in before]:
-        root.removeHandler(handler)
-        handler.close()
-    end_of_process()
+    with run_state_released():
+        yield
 
 
 def split_flags(**changes):
