@@ -25,9 +25,9 @@ from data import ItmValDataset, TxtTokLmdb, open_img_db
 from engine.checks import check_split, load_model
 from model import IMG_DIM, UniterForImageTextRetrieval, scoring_mode
 from utils.cli import run
-from utils.config import ConfigError, add_box_args, load_json, make_parser
+from utils.config import ConfigError, add_box_args, make_parser
 from utils.outputs import refuse_overwriting_inputs, refuse_unwritable, write_json
-from utils.retrieval_metrics import GROUP_KEYS, group_indices, winoground_scores
+from utils.retrieval_metrics import group_indices, winoground_scores
 
 
 def build_parser():
@@ -52,23 +52,14 @@ def step_of(path):
 
 
 def group_pairs(groups_path, dataset, txt_db_path):
-    """(caption ids, image ids, caption rows, image columns) of the groups, each id once,
-    in order of first use; an id the split lacks is one line naming the group."""
-    groups = load_json(groups_path, "groups file")
-    ids = {"txt": {t: None for t in dataset.ids}, "img": dataset.img2txts}
-    used = {"txt": {}, "img": {}}
-    for n, group in enumerate(groups if isinstance(groups, list) else []):
-        for key, kind in GROUP_KEYS.items():
-            value = group.get(key) if isinstance(group, dict) else None
-            if isinstance(value, str) and value not in ids[kind]:
-                what = "a text" if kind == "txt" else "an image"
-                raise ConfigError(f"{groups_path}: group {n}: {key} {value!r} is not {what} of {txt_db_path}; "
-                                  f"give the groups of the split it names")
-            used[kind].setdefault(value, None)
-    captions, images = list(used["txt"]), list(used["img"])
-    # group_indices() checks the file's shape: a list of objects with the four keys
-    rows, cols = group_indices(groups_path, captions, images)
-    return captions, images, rows, cols
+    """(caption ids, image ids, caption rows, image columns) of the groups: each id that
+    they name once, in the split's order, and the groups' rows and columns among them."""
+    all_imgs = list(dataset.img2txts)
+    rows, cols = group_indices(groups_path, dataset.ids, all_imgs, ids_of=txt_db_path,
+                               advice="give the groups of the split it names")
+    caption_rows, rows = torch.unique(rows, return_inverse=True)
+    image_cols, cols = torch.unique(cols, return_inverse=True)
+    return [dataset.ids[i] for i in caption_rows.tolist()], [all_imgs[j] for j in image_cols.tolist()], rows, cols
 
 
 @torch.no_grad()

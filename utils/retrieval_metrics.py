@@ -248,9 +248,12 @@ def paired_comparison(hits, other_hits, n_boot, seed):
 GROUP_KEYS = {"caption_0": "txt", "caption_1": "txt", "image_0": "img", "image_1": "img"}
 
 
-def group_indices(groups_path, txt_ids, img_ids):
+def group_indices(groups_path, txt_ids, img_ids, ids_of="the score file",
+                  advice="use the ids of the split it was evaluated on"):
     """(caption rows, image columns) of a Winoground-style groups file (a JSON list of
-    {caption_0, caption_1, image_0, image_1}) in a score matrix: two LongTensors [n_groups, 2]."""
+    {caption_0, caption_1, image_0, image_1}) in a score matrix: two LongTensors [n_groups, 2].
+    An id that is not among ``txt_ids``/``img_ids`` is one line naming ``ids_of``, where
+    they come from, and the ``advice``."""
     groups = load_json(groups_path, "groups file")
     if not isinstance(groups, list) or not groups:
         raise ConfigError(f"{groups_path}: expected a non-empty JSON list of "
@@ -264,8 +267,8 @@ def group_indices(groups_path, txt_ids, img_ids):
                                   f"caption_1 (text ids) and image_0, image_1 (image ids)")
             if not isinstance(group[key], str) or group[key] not in position[kind]:
                 what = "a text" if kind == "txt" else "an image"
-                raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not {what} id of the "
-                                  f"score file; use the ids of the split it was evaluated on")
+                raise ConfigError(f"{groups_path}: group {n}: {key} {group[key]!r} is not {what} id of "
+                                  f"{ids_of}; {advice}")
             index[key].append(position[kind][group[key]])
         for a, b in (("caption_0", "caption_1"), ("image_0", "image_1")):
             if group[a] == group[b]:
