@@ -234,12 +234,14 @@ def main():
     plan = planned_runs(opts.variants, opts.seeds, opts.primary_seeds)
     todo = [(name, seed) for name, seed in plan if not is_finished(run_folder(opts.output, name, seed))]
     if todo and not opts.report_only:
+        pool = ThreadPoolExecutor(opts.parallel)
         try:
-            with ThreadPoolExecutor(opts.parallel) as pool:
-                for f in [pool.submit(run_one, opts.demo, run_folder(opts.output, name, seed), VARIANTS[name][1],
-                                      seed, opts.steps, opts.eval_every, print) for name, seed in todo]:
-                    f.result()
+            for f in [pool.submit(run_one, opts.demo, run_folder(opts.output, name, seed), VARIANTS[name][1],
+                                  seed, opts.steps, opts.eval_every, print) for name, seed in todo]:
+                f.result()
         finally:
+            # a failed run or Ctrl-C ends the sitting: the runs not yet started must not start
+            pool.shutdown(wait=True, cancel_futures=True)
             record_sitting(opts.output, start, sum(is_finished(run_folder(opts.output, n, s)) for n, s in todo))
     report(opts.output, groups_path, plan, opts.bootstrap)
 

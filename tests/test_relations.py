@@ -169,3 +169,27 @@ def test_group_scores_refuses_groups_of_another_split(tmp_path):
                "--output", str(tmp_path / "g.json")])
     assert res.returncode == 2 and "Traceback" not in res.stderr and res.stderr.count("\n") == 1, res.stderr
     assert "groups_test.json" in res.stderr and not (tmp_path / "g.json").exists()
+
+
+def test_a_failed_run_ends_the_sitting(tmp_path, monkeypatch):
+    """The first run fails: the comparison stops with its line, the runs not yet started
+    never start, and the sitting is recorded."""
+    import scripts.demo_relations as relations
+    demo = tmp_path / "demo"
+    (demo / "annotations").mkdir(parents=True)
+    (demo / "annotations" / "groups_test.json").write_text("[]")
+    started = []
+
+    def fail_first(demo, out, *args):
+        started.append(os.path.basename(out))
+        if len(started) == 1:
+            raise SystemExit(f"demo_relations.py: error: train_itm_hard_negatives.py failed for {out}: no DBs")
+
+    monkeypatch.setattr(relations, "run_one", fail_first)
+    out = tmp_path / "rel"
+    monkeypatch.setattr("sys.argv", ["demo_relations.py", "--demo", str(demo), "--output", str(out), "--seeds", "0",
+                                     "1", "--primary_seeds", "--variants", *VARIANTS, "--parallel", "1"])
+    with pytest.raises(SystemExit, match="failed for .*baseline-fixed-masks-seed0"):
+        relations.main()
+    assert started == ["baseline-fixed-masks-seed0"]
+    assert [json.loads(line)["runs_done"] for line in (out / "sittings.jsonl").read_text().splitlines()] == [0]
