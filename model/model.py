@@ -137,11 +137,18 @@ class UniterPreTrainedModel(nn.Module):
         result = model.load_state_dict(state_dict, strict=False)
         if result.missing_keys:
             logger.info("Weights of %s not initialized from the checkpoint: %s",
-                        cls.__name__, result.missing_keys)
+                        cls.__name__, _some_names(result.missing_keys))
         if result.unexpected_keys:
             logger.info("Weights from the checkpoint not used in %s: %s",
-                        cls.__name__, result.unexpected_keys)
+                        cls.__name__, _some_names(result.unexpected_keys))
         return model
+
+
+def _some_names(names, shown=8):
+    """The first ``shown`` names and how many more: a checkpoint of another layout would
+    otherwise log hundreds of them on one line."""
+    listed = ", ".join(names[:shown])
+    return f"{len(names)}: {listed}" + (f", ... and {len(names) - shown} more" if len(names) > shown else "")
 
 
 class UniterTextEmbeddings(nn.Module):

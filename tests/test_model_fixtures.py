@@ -87,6 +87,16 @@ def test_missing_and_unexpected_keys_are_logged(ref_model_state, caplog):
     assert "rank_output.bias" in caplog.text and "feat_regress.weight" in caplog.text
 
 
+def test_a_checkpoint_of_another_layout_logs_a_count_and_a_few_names(ref_model_state, caplog):
+    prefixed = {f"wrapper.{k}": v for k, v in ref_model_state.items()}
+    with caplog.at_level("INFO", logger="model.model"):
+        UniterForImageTextRetrieval.from_pretrained(TINY_CONFIG, prefixed, img_dim=2048, pairs_num=1)
+    unused = next(r.getMessage() for r in caplog.records if "not used in" in r.getMessage())
+    assert f"{len(prefixed)}: " in unused
+    assert unused.count("wrapper.") == 8
+    assert unused.endswith(f"... and {len(prefixed) - 8} more")
+
+
 def test_mismatched_checkpoint_names_first_key_and_shapes(ref_model_state):
     config = UniterConfig.from_json_file(TINY_CONFIG)
     config.hidden_size, config.intermediate_size = 32, 64
