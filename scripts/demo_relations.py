@@ -20,7 +20,8 @@ secondary, Fisher's exact test of learned-by-the-last-step, and a bootstrap inte
 resampled within each arm) of the difference in area under the mean group-score curve.
 
 Finished runs in OUTPUT are kept and not run again, so a comparison stopped half-way
-continues where it stopped; ``--report_only`` reports on the finished runs without
+continues where it stopped (SIGINT or SIGTERM stops each run in progress at a checkpoint it
+resumes from, exit status 130 or 143); ``--report_only`` reports on the finished runs without
 running any. Writes OUTPUT/relations.json (every run with its curve, per arm the end
 points, the tests, the power of the design, the wall time of every sitting, also kept in
 OUTPUT/sittings.jsonl), OUTPUT/relations.png (mean group-score curves with 95% bands and
@@ -37,7 +38,6 @@ import glob
 import json
 import os
 import re
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from os.path import exists, join
@@ -46,6 +46,7 @@ import numpy as np
 
 from scripts.relations_stats import (LEARNED, METRICS, TWIN_METRICS, arm_tests, curve_area, design_power, draw,
                                      paired_bootstrap, steps_to_learn, summary_of, tables_markdown, twin_outcomes)
+from scripts.child_runs import ChildRuns, Stopped
 from scripts.repo import ROOT, child_env
 from utils.outputs import atomic_write, write_json
 from utils.pooled_stats import summarise
@@ -75,12 +76,17 @@ def is_finished(out):
     return exists(join(out, DONE))
 
 
+CHILDREN = ChildRuns()  # what SIGINT and SIGTERM stop together with this process
+
+
 def call(args, what, env=None):
     """Run a program of the repository; its failure ends the comparison with its last line."""
-    res = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, env=env or child_env())
-    if res.returncode:
+    status, _, err = CHILDREN.run([sys.executable] + args, cwd=ROOT, env=env or child_env())
+    if status and CHILDREN.stopped_by is None:
         raise SystemExit(f"demo_relations.py: error: {args[0]} failed for {what}: "
-                         f"{(res.stderr.strip().splitlines() or ['no output'])[-1]}")
+                         f"{(err.strip().splitlines() or ['no output'])[-1]}")
+    if status:
+        raise Stopped(CHILDREN.stopped_by)
 
 
 def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
@@ -102,12 +108,14 @@ def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
         call(["train_itm_hard_negatives.py", "--config", config, "--output_dir", join(out, "train"), "--resume",
               "--seed", str(seed)] + steps_flags + variant_flags, out, env)
     if not exists(join(out, CURVE)):
-        kept = sorted(glob.glob(join(ckpt_dir, "model_step_*.pt")),
-                      key=lambda p: int(re.search(r"(\d+)\.pt$", p).group(1)))
+        # a run stopped by a signal also left a checkpoint at the step it stopped: off the grid
+        on_grid = [step for step in map(_step_of, glob.glob(join(ckpt_dir, "model_step_*.pt")))
+                   if step % eval_every == 0 or step == steps]
         call(["scripts/group_scores.py", *split, "--groups", join(demo, "annotations", "groups_test.json"),
-              "--checkpoints", *kept, "--output", join(out, CURVE)], out, env)
+              "--checkpoints", *(join(ckpt_dir, f"model_step_{step}.pt") for step in sorted(on_grid)),
+              "--output", join(out, CURVE)], out, env)
     for path in glob.glob(join(ckpt_dir, "*_[0-9]*.pt")):
-        if int(re.search(r"(\d+)\.pt$", path).group(1)) != steps:
+        if _step_of(path) != steps:
             os.remove(path)
     if not exists(join(out, "eval", "score_matrix.pt")):
         call(["inf_itm.py", *split, "--checkpoint", last, "--output_dir", join(out, "eval"), "--batch_size", "100",
@@ -116,6 +124,10 @@ def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
         call(["scripts/isd.py", *split, "--checkpoint", last, "--output", join(out, "isd")], out, env)
     write_json(join(out, DONE), {"seconds": time.time() - start, "steps": steps, "eval_every": eval_every})
     log(f"done: {out} ({time.time() - start:.0f} s)")
+
+
+def _step_of(checkpoint):
+    return int(re.search(r"(\d+)\.pt$", checkpoint).group(1))
 
 
 def measure(out, groups_path):
@@ -230,6 +242,16 @@ def main():
     if not exists(groups_path):
         raise SystemExit(f"demo_relations.py: error: {groups_path} not found; build the demo data with "
                          f"scripts/make_demo_data.py --output {opts.demo}")
+    try:
+        with CHILDREN:
+            compare(opts, groups_path)
+    except Stopped as stop:
+        print(f"demo_relations.py: {stop}; each run in progress stopped at a checkpoint, and the same command "
+              f"continues where it stopped", file=sys.stderr)
+        sys.exit(stop.exit_status)
+
+
+def compare(opts, groups_path):
     start = time.time()
     plan = planned_runs(opts.variants, opts.seeds, opts.primary_seeds)
     todo = [(name, seed) for name, seed in plan if not is_finished(run_folder(opts.output, name, seed))]
@@ -240,7 +262,7 @@ def main():
                                   seed, opts.steps, opts.eval_every, print) for name, seed in todo]:
                 f.result()
         finally:
-            # a failed run or Ctrl-C ends the sitting: the runs not yet started must not start
+            # a failed run or a signal ends the sitting: the runs not yet started must not start
             pool.shutdown(wait=True, cancel_futures=True)
             record_sitting(opts.output, start, sum(is_finished(run_folder(opts.output, n, s)) for n, s in todo))
     report(opts.output, groups_path, plan, opts.bootstrap)

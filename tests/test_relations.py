@@ -1,10 +1,13 @@
 """The relations comparison: its statistics against hand-computed and simulated values,
 scripts/group_scores.py against the full score matrix, and scripts/demo_relations.py end
-to end on a tiny demo (2 seeds, 40 steps): curves, steps to learn, resumption, parallel
-runs equal to serial ones."""
+to end on a tiny demo (2 seeds, 200 steps): curves, steps to learn, finished runs kept, a
+run stopped by a signal resumed, parallel runs equal to serial ones."""
 import json
 import math
 import os
+import signal
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from helpers import run
+from helpers import launch_cmd, run
+from scripts.repo import child_env
 from scripts.demo_relations import planned_runs
 from scripts.relations_stats import curve_area, median_steps, steps_to_learn, twin_outcomes
 from utils.retrieval_metrics import winoground_summary
@@ -99,11 +103,12 @@ def test_plan_is_balanced_seed_by_seed():
 
 
 VARIANTS = ["baseline (fixed masks)", "IAIS singular"]
+STEPS = ["--steps", "200", "--eval_every", "100"]
 
 
 def _compare(demo, out, *extra):
     return run(["scripts/demo_relations.py", "--demo", str(demo), "--output", str(out), "--seeds", "0",
-                "--primary_seeds", "1", "--variants", *VARIANTS, "--steps", "40", "--eval_every", "20",
+                "--primary_seeds", "1", "--variants", *VARIANTS, *STEPS,
                 "--bootstrap", "200", *extra], timeout=900)
 
 
@@ -120,14 +125,14 @@ def test_relations_comparison_end_to_end(tmp_path):
     groups = str(demo / "annotations" / "groups_test.json")
     for name, r in results["runs"].items():
         folder = out / f"{'baseline-fixed-masks' if name.startswith('baseline') else 'iais-singular'}-seed{name[-1]}"
-        assert [p["step"] for p in r["curve"]] == [20, 40]
+        assert [p["step"] for p in r["curve"]] == [100, 200]
         assert (r["steps_to_learn"], r["learned"]) == steps_to_learn(r["curve"])
         # the twins' four pairs scored alone give the full score matrix's Winoground scores
         full = winoground_summary(twin_outcomes(str(folder / "eval" / "score_matrix.pt"), groups))
         assert {k: r["curve"][-1][k] for k in ("own_vs_twin", "text", "image", "group")} == \
             {k: full[k] for k in ("own_vs_twin", "text", "image", "group")}
-        assert sorted(os.listdir(folder / "train" / "ckpt")) == ["best.json", "best.pt", "model_step_40.pt",
-                                                                 "train_state_40.pt"]
+        assert sorted(os.listdir(folder / "train" / "ckpt")) == ["best.json", "best.pt", "model_step_200.pt",
+                                                                 "train_state_200.pt"]
     tests = results["tests"]["IAIS singular vs baseline (fixed masks)"]
     assert tests["fisher"]["n_a"] == tests["fisher"]["n_b"] == 2
     assert "fisher_smallest_share_learned" in results["power"]
@@ -146,13 +151,31 @@ def test_relations_comparison_end_to_end(tmp_path):
     again = json.loads((out / "relations.json").read_text())
     assert again["runs"] == results["runs"] and len(again["wall_time"]["sittings"]) == 1
 
-    # a run alone, serially, is the same run as beside another
+    # a run alone, serially, stopped half-way (SIGTERM to the comparison alone, as `kill` sends
+    # it) and continued, is the same run as one beside another and never stopped
     serial = tmp_path / "serial"
-    res = run(["scripts/demo_relations.py", "--demo", str(demo), "--output", str(serial), "--seeds", "1",
-               "--primary_seeds", "--variants", "IAIS singular", "--steps", "40", "--eval_every", "20",
-               "--bootstrap", "200", "--parallel", "1"], timeout=900)
+    command = launch_cmd(["scripts/demo_relations.py", "--demo", str(demo), "--output", str(serial), "--seeds", "1",
+                          "--primary_seeds", "--variants", "IAIS singular", *STEPS, "--bootstrap", "200",
+                          "--parallel", "1"])
+    ckpt = serial / "iais-singular-seed1" / "train" / "ckpt"
+    stopped = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 600
+    while not (ckpt / "train_state_100.pt").exists() and stopped.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few steps past the evaluation grid's checkpoint
+    stopped.send_signal(signal.SIGTERM)
+    _, err = stopped.communicate(timeout=600)
+    assert stopped.returncode == 143 and "Traceback" not in err and err.count("\n") == 1, err
+    assert err.rstrip().endswith("the same command continues where it stopped"), err
+    states = sorted(int(p.stem.split("_")[-1]) for p in ckpt.glob("train_state_*.pt"))
+    assert any(100 < step < 200 for step in states), states  # the run stopped off the grid, at a checkpoint
+    assert not (serial / "iais-singular-seed1" / "run_time.json").exists()
+    res = subprocess.run(command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr
-    alone = json.loads((serial / "relations.json").read_text())["runs"]["IAIS singular seed 1"]
+    again = json.loads((serial / "relations.json").read_text())
+    assert [s["runs_done"] for s in again["wall_time"]["sittings"]] == [0, 1]
+    alone = again["runs"]["IAIS singular seed 1"]
     assert alone["curve"] == results["runs"]["IAIS singular seed 1"]["curve"]
     a = torch.load(serial / "iais-singular-seed1" / "eval" / "score_matrix.pt", weights_only=True)["scores"]
     b = torch.load(out / "iais-singular-seed1" / "eval" / "score_matrix.pt", weights_only=True)["scores"]
@@ -193,3 +216,48 @@ def test_a_failed_run_ends_the_sitting(tmp_path, monkeypatch):
         relations.main()
     assert started == ["baseline-fixed-masks-seed0"]
     assert [json.loads(line)["runs_done"] for line in (out / "sittings.jsonl").read_text().splitlines()] == [0]
+
+
+DRIVER = r"""
+import signal, sys, threading, time
+from scripts.child_runs import ChildRuns, Stopped
+signal.signal(signal.SIGINT, signal.default_int_handler)  # a foreground process of a terminal
+log, children = sys.argv[1], ChildRuns()
+CHILD = ("import signal, sys, time\n"
+         "def note(n, f): open(sys.argv[1], 'a').write(f'{n}\\n')\n"
+         "signal.signal(signal.SIGINT, note)\n"
+         "open(sys.argv[1], 'a').write('started\\n')\n"
+         "time.sleep(1.5)\n"
+         "sys.exit(130)\n")
+results = []
+def worker():
+    results.append(children.run([sys.executable, "-c", CHILD, log])[0])
+    try:
+        children.run([sys.executable, "-c", CHILD, log])
+    except Stopped as stop:
+        results.append(stop.exit_status)
+try:
+    with children:
+        thread = threading.Thread(target=worker)
+        thread.start()
+        while True:
+            time.sleep(0.05)
+except Stopped as stop:
+    thread.join()
+    print(results, stop.exit_status)
+"""
+
+
+def test_ctrl_c_reaches_each_child_once_and_starts_no_other(tmp_path):
+    """SIGINT to the whole process group (Ctrl-C in a terminal): the child hears it once,
+    from the parent, and nothing starts after it."""
+    log = tmp_path / "signals.txt"
+    driver = subprocess.Popen(launch_cmd(["-c", DRIVER, str(log)]), cwd=ROOT, env=child_env(), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 60
+    while not (log.exists() and log.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(driver.pid, signal.SIGINT)
+    out, err = driver.communicate(timeout=60)
+    assert out.split() == ["[130,", "130]", "130"], (out, err)
+    assert log.read_text().split() == ["started", str(int(signal.SIGINT))]
