@@ -37,7 +37,6 @@ import argparse
 import glob
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from os.path import exists, join
@@ -48,6 +47,8 @@ from scripts.relations_stats import (LEARNED, METRICS, TWIN_METRICS, arm_tests, 
                                      paired_bootstrap, steps_to_learn, summary_of, tables_markdown, twin_outcomes)
 from scripts.child_runs import ChildRuns, Stopped
 from scripts.repo import ROOT, child_env
+from utils.checkpoint import step_of
+from utils.errors import load_json
 from utils.outputs import atomic_write, write_json
 from utils.pooled_stats import summarise
 
@@ -109,14 +110,15 @@ def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
               "--seed", str(seed)] + steps_flags + variant_flags, out, env)
     if not exists(join(out, CURVE)):
         # a run stopped by a signal also left a checkpoint at the step it stopped: off the grid
-        on_grid = [step for step in map(_step_of, glob.glob(join(ckpt_dir, "model_step_*.pt")))
+        on_grid = [step for step in map(step_of, glob.glob(join(ckpt_dir, "model_step_*.pt")))
                    if step % eval_every == 0 or step == steps]
         call(["scripts/group_scores.py", *split, "--groups", join(demo, "annotations", "groups_test.json"),
               "--checkpoints", *(join(ckpt_dir, f"model_step_{step}.pt") for step in sorted(on_grid)),
               "--output", join(out, CURVE)], out, env)
-    for path in glob.glob(join(ckpt_dir, "*_[0-9]*.pt")):
-        if _step_of(path) != steps:
-            os.remove(path)
+    for kind in ("model_step", "train_state"):
+        for path in glob.glob(join(ckpt_dir, f"{kind}_*.pt")):
+            if step_of(path, kind) not in (None, steps):
+                os.remove(path)
     if not exists(join(out, "eval", "score_matrix.pt")):
         call(["inf_itm.py", *split, "--checkpoint", last, "--output_dir", join(out, "eval"), "--batch_size", "100",
               "--n_workers", "0", "--resume"], out, env)
@@ -126,21 +128,13 @@ def run_one(demo, out, variant_flags, seed, steps, eval_every, log):
     log(f"done: {out} ({time.time() - start:.0f} s)")
 
 
-def _step_of(checkpoint):
-    return int(re.search(r"(\d+)\.pt$", checkpoint).group(1))
-
-
 def measure(out, groups_path):
     """(twin outcomes of the last weights, the run's record)."""
     outcomes = twin_outcomes(join(out, "eval", "score_matrix.pt"), groups_path)
-    with open(join(out, "eval", "scores.json")) as f:
-        recall = json.load(f)
-    with open(join(out, "isd", "isd.json")) as f:
-        isd = json.load(f)
-    with open(join(out, CURVE)) as f:
-        points = [{k: p[k] for k in ("step",) + TWIN_METRICS} for p in json.load(f)["points"]]
-    with open(join(out, DONE)) as f:
-        seconds = json.load(f)["seconds"]
+    recall = load_json(join(out, "eval", "scores.json"), "scores")
+    isd = load_json(join(out, "isd", "isd.json"), "ISD")
+    points = [{k: p[k] for k in ("step",) + TWIN_METRICS} for p in load_json(join(out, CURVE), "curve")["points"]]
+    seconds = load_json(join(out, DONE), "run time")["seconds"]
     last = max((k for k in isd if k.startswith("layer_")), key=lambda k: int(k.split("_")[1]))
     step, learned = steps_to_learn(points)
     return outcomes, {**summary_of(outcomes), "img_r1": recall["img_r1"], "txt_r1": recall["txt_r1"],

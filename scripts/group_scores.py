@@ -16,14 +16,13 @@ import sys  # the repository this file is in comes first, whatever the path name
 from os.path import dirname, realpath
 sys.path.insert(0, dirname(dirname(realpath(__file__))))
 import utils.threads  # noqa: E402,F401  (next: sets the OpenMP thread count before torch loads OpenMP)
-import re
-from os.path import basename
 
 import torch
 
 from data import ItmValDataset, TxtTokLmdb, open_img_db
 from engine.checks import check_split, load_model
 from model import IMG_DIM, UniterForImageTextRetrieval, scoring_mode
+from utils.checkpoint import step_of
 from utils.cli import run
 from utils.config import ConfigError, add_box_args, make_parser
 from utils.outputs import refuse_overwriting_inputs, refuse_unwritable, write_json
@@ -43,12 +42,6 @@ def build_parser():
       help="accept a checkpoint that leaves part of the model at random initialisation")
     add_box_args(p)
     return p
-
-
-def step_of(path):
-    """N of model_step_N.pt, None for another name."""
-    m = re.fullmatch(r"model_step_(\d+)\.pt", basename(path))
-    return int(m.group(1)) if m else None
 
 
 def group_pairs(groups_path, dataset, txt_db_path):

@@ -8,6 +8,7 @@ A run record holds its end points (twin metrics, R@1), its ``curve`` (points wit
 import numpy as np
 import torch
 
+from scripts.retrieval_metrics import load_score_file
 from utils.outputs import atomic_write
 from utils.pooled_stats import summarise
 from utils.retrieval_metrics import (group_indices, paired_p_value, percentile_interval, winoground_outcomes,
@@ -21,9 +22,10 @@ LEARNED = 0.5  # a run has learned the relations once its group score exceeds th
 
 
 def twin_outcomes(path, groups_path):
-    """winoground_outcomes() of a score_matrix.pt on the groups file's twins."""
-    saved = torch.load(path, weights_only=True)
-    return winoground_outcomes(saved["scores"], *group_indices(groups_path, saved["txt_ids"], saved["img_ids"]))
+    """winoground_outcomes() of a score_matrix.pt (read and checked as every score file is)
+    on the groups file's twins."""
+    scores, txt_ids, img_ids, _ = load_score_file(path)
+    return winoground_outcomes(scores, *group_indices(groups_path, txt_ids, img_ids))
 
 
 def summary_of(outcomes, rows=None):

@@ -4,7 +4,7 @@ import os
 import pickle
 import re
 import zipfile
-from os.path import exists, join
+from os.path import basename, exists, join
 
 import torch
 
@@ -121,12 +121,18 @@ def save_training_state(ckpt_dir, step, state):
     atomic_save(state, join(ckpt_dir, f"train_state_{step}.pt"))
 
 
+def step_of(path, kind="model_step"):
+    """N of ``{kind}_N.pt`` (model_step_N.pt, train_state_N.pt), None for another name."""
+    m = re.fullmatch(rf"{kind}_(\d+)\.pt", basename(path))
+    return int(m.group(1)) if m else None
+
+
 def latest_training_state(ckpt_dir):
     """(step, model path, state path) of the newest complete pair, or None."""
     if not os.path.isdir(ckpt_dir):
         return None
-    steps = sorted((int(m.group(1)) for f in os.listdir(ckpt_dir)
-                    if (m := re.fullmatch(r"train_state_(\d+)\.pt", f))), reverse=True)
+    steps = sorted((step for f in os.listdir(ckpt_dir) if (step := step_of(f, "train_state")) is not None),
+                   reverse=True)
     for step in steps:
         model_path = join(ckpt_dir, f"model_step_{step}.pt")
         if exists(model_path):
