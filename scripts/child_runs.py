@@ -12,9 +12,11 @@ import signal
 import subprocess
 import threading
 
+from engine.interrupts import exit_status
+
 
 class Stopped(Exception):
-    """The parent received ``signum``; its exit status is 128 + the signal's number."""
+    """The parent received ``signum``."""
 
     def __init__(self, signum):
         super().__init__(f"stopped by {signal.Signals(signum).name}")
@@ -22,7 +24,7 @@ class Stopped(Exception):
 
     @property
     def exit_status(self):
-        return 128 + int(self.signum)
+        return exit_status(self.signum)
 
 
 class ChildRuns:
@@ -59,7 +61,7 @@ class ChildRuns:
         """In the main thread: SIGTERM, and SIGINT unless it is ignored (a job started in
         the background of a shell), stop the parent; the previous handlers come back on
         leaving."""
-        self._previous = {}
+        self._previous, self.stopped_by = {}, None
         for signum in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(signum) is not signal.SIG_IGN:
                 self._previous[signum] = signal.signal(signum, self._handle)
