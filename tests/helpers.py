@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -57,6 +58,15 @@ def launch_cmd(args, launcher=None, nproc=2):
 def run(args, launcher=None, nproc=2, timeout=300, env=None):
     return subprocess.run(launch_cmd(args, launcher, nproc), cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=child_env(**(env or {})))
+
+
+def wait_until(proc, ready, timeout=120, every=0.05):
+    """Return once ``ready()`` holds; fail if ``proc`` ends or ``timeout`` seconds pass first."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the process ended (exit status {proc.returncode}) before it got there"
+        assert time.time() < deadline, f"the process did not get there in {timeout} s"
+        time.sleep(every)
 
 
 def have(tool):

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from helpers import PY, ROOT, launch_cmd, run, tiny_train_config
+from helpers import PY, ROOT, launch_cmd, run, tiny_train_config, wait_until
 from scripts.repo import child_env
 from utils.curves import read_metrics
 
@@ -48,11 +48,7 @@ def _start(args, out, logs):
 
 
 def _wait_for(proc, out, pattern, timeout=120):
-    deadline = time.time() + timeout
-    while not _logged(out, pattern):
-        assert proc.poll() is None, "the run ended before the signal"
-        assert time.time() < deadline, "the run did not get there"
-        time.sleep(0.005)
+    wait_until(proc, lambda: _logged(out, pattern), timeout, every=0.005)
 
 
 def _same_weights(a, b):

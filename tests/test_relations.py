@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from helpers import launch_cmd, run
+from helpers import launch_cmd, run, wait_until
 from scripts.repo import child_env
 from scripts.demo_relations import planned_runs
 from scripts.relations_stats import curve_area, median_steps, steps_to_learn, twin_outcomes
@@ -160,9 +160,7 @@ def test_relations_comparison_end_to_end(tmp_path):
     ckpt = serial / "iais-singular-seed1" / "train" / "ckpt"
     stopped = subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 600
-    while not (ckpt / "train_state_100.pt").exists() and stopped.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(stopped, (ckpt / "train_state_100.pt").exists, timeout=600)
     time.sleep(0.5)  # a few steps past the evaluation grid's checkpoint
     stopped.send_signal(signal.SIGTERM)
     _, err = stopped.communicate(timeout=600)
@@ -254,9 +252,7 @@ def test_ctrl_c_reaches_each_child_once_and_starts_no_other(tmp_path):
     log = tmp_path / "signals.txt"
     driver = subprocess.Popen(launch_cmd(["-c", DRIVER, str(log)]), cwd=ROOT, env=child_env(), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 60
-    while not (log.exists() and log.read_text()) and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(driver, lambda: log.exists() and log.read_text(), timeout=60, every=0.02)
     os.killpg(driver.pid, signal.SIGINT)
     out, err = driver.communicate(timeout=60)
     assert out.split() == ["[130,", "130]", "130"], (out, err)

@@ -4,14 +4,13 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import IMG_DB, TINY_CONFIG, TXT_DB
-from helpers import PY, ROOT, copy_stopped_at, horovod_available, run, tiny_train_config
+from helpers import PY, ROOT, copy_stopped_at, horovod_available, run, tiny_train_config, wait_until
 
 
 def scalars(out, tag):
@@ -94,9 +93,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     out = tmp_path / "killed"
     proc = subprocess.Popen([PY] + args + ["--output_dir", str(out)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "ckpt" / "train_state_4.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    wait_until(proc, (out / "ckpt" / "train_state_4.pt").exists, every=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "ckpt" / "model_step_10.pt").exists(), "the run finished before it was killed"
